@@ -1,0 +1,388 @@
+"""A multi-layer perceptron with a hand-written backward pass.
+
+The forward pass computes, for each layer ``l = 1..L``::
+
+    Z_l = A_{l-1} @ W_l + b_l          # (n, fan_out)
+    A_l = f_l(Z_l)                     # A_0 = X
+
+and the backward pass applies the chain rule from the output back::
+
+    delta_L = dLoss/dZ_L                         # from the loss (see losses.py)
+    dW_l    = A_{l-1}.T @ delta_l                # (fan_in, fan_out)
+    db_l    = 1.T @ delta_l                      # column sums, as a product (faster)
+    delta_{l-1} = f'_{l-1}(Z_{l-1}) * (delta_l @ W_l.T)
+
+All parameters live in one flat vector, weights first, then biases; ``weights`` and
+``biases`` are views into it, and the gradient has the same layout. An optimiser can
+then update every parameter in one vectorised call, and weight decay touches exactly
+``params[:n_weight_params]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.activations import Activation, get_activation
+from pipeline.init import get_initializer
+from pipeline.losses import Loss, encode_targets, get_loss, scores_to_proba
+
+Array = np.ndarray
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _as_dtype(dtype: object) -> np.dtype:
+    try:
+        resolved = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype={dtype!r}: must be float32 or float64")
+    return resolved
+
+
+def _check_sizes(sizes: Sequence[int]) -> list[int]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise ValueError(f"sizes={sizes!r}: must be a list of layer widths like [2, 16, 1]")
+    if len(sizes) < 2:
+        raise ValueError(
+            f"sizes={list(sizes)!r}: need at least an input and an output width, like [2, 1]"
+        )
+    checked = []
+    for i, size in enumerate(sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            where = "input" if i == 0 else "output" if i == len(sizes) - 1 else f"hidden {i}"
+            raise ValueError(
+                f"sizes[{i}]={size!r} ({where} layer): widths must be integers >= 1"
+            )
+        checked.append(int(size))
+    return checked
+
+
+class MLP:
+    """Fully connected feed-forward network trained by backpropagation.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths from input to output, e.g. ``[2, 16, 16, 1]``.
+    activation : str or sequence of str
+        Hidden activation, one name for all hidden layers or one per hidden layer.
+    output : str
+        Output activation (``sigmoid`` for one binary unit, ``softmax`` for k classes).
+    bias : bool
+        Whether layers have biases. Without them ``biases`` is None.
+    init : str
+        Weight initialiser name (see :mod:`pipeline.init`); biases start at zero.
+    seed : int
+        Seed for the initial weights.
+    dtype : {"float64", "float32"} or numpy dtype
+        Precision of parameters and computation.
+    activation_params : dict, optional
+        Parameters of parametrised activations (``slope`` of leaky_relu, ``alpha`` of elu).
+    loss : str, optional
+        The loss the network is trained with; only used to turn outputs into class
+        probabilities in :meth:`predict_proba` (a hinge margin's threshold is 0, a squared
+        error on 0/1 targets has 0.5).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str | Sequence[str] = "relu",
+        output: str = "sigmoid",
+        bias: bool = True,
+        init: str = "xavier_uniform",
+        seed: int = 0,
+        dtype: object = np.float64,
+        activation_params: dict | None = None,
+        loss: str | None = None,
+    ) -> None:
+        self.sizes = _check_sizes(sizes)
+        n_hidden = len(self.sizes) - 2
+        names = [activation] * n_hidden if isinstance(activation, str) else list(activation)
+        if len(names) != n_hidden:
+            raise ValueError(
+                f"activation={list(names)!r}: give one name, or one per hidden layer "
+                f"({n_hidden} for sizes {self.sizes})"
+            )
+        self.activation_params = dict(activation_params or {})
+        self.hidden_activations: list[Activation] = [
+            get_activation(name, hidden=True, **self.activation_params) for name in names
+        ]
+        self.output_activation: Activation = get_activation(output, **self.activation_params)
+        if output == "softmax" and self.sizes[-1] < 2:
+            raise ValueError(
+                f"output='softmax' needs at least 2 output units; sizes ends in {self.sizes[-1]}"
+            )
+        if loss is not None:
+            get_loss(loss).check_output(output, self.sizes[-1])
+        self.loss = loss
+        self.bias = bool(bias)
+        self.init = init
+        self.seed = int(seed)
+        self.dtype = _as_dtype(dtype)
+
+        shapes = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
+        self.n_weight_params = sum(fi * fo for fi, fo in shapes)
+        n_bias = sum(fo for _, fo in shapes) if self.bias else 0
+        self.params = np.zeros(self.n_weight_params + n_bias, dtype=self.dtype)
+        self.grad = np.zeros_like(self.params)
+        self.weights, self.biases = self._views(self.params, shapes)
+        self._grad_weights, self._grad_biases = self._views(self.grad, shapes)
+        self._ones = np.ones(0, dtype=self.dtype)
+
+        draw = get_initializer(init)
+        rng = np.random.default_rng(self.seed)
+        for W, (fan_in, fan_out) in zip(self.weights, shapes, strict=True):
+            W[...] = draw(rng, fan_in, fan_out)
+
+    def _views(self, flat: Array, shapes: list[tuple[int, int]]):
+        weights, offset = [], 0
+        for fan_in, fan_out in shapes:
+            weights.append(flat[offset : offset + fan_in * fan_out].reshape(fan_in, fan_out))
+            offset += fan_in * fan_out
+        if not self.bias:
+            return weights, None
+        biases = []
+        for _, fan_out in shapes:
+            biases.append(flat[offset : offset + fan_out])
+            offset += fan_out
+        return weights, biases
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_arrays(
+        cls,
+        weights: Sequence[Array],
+        biases: Sequence[Array] | None = None,
+        **kwargs: object,
+    ) -> MLP:
+        """Build a network around given weight (and bias) arrays, checking their shapes.
+
+        Raises
+        ------
+        ValueError
+            Naming the first layer whose shape does not chain onto the previous one.
+        """
+        weights = [np.asarray(W) for W in weights]
+        if not weights:
+            raise ValueError("weights: need at least one layer")
+        for i, W in enumerate(weights, start=1):
+            if W.ndim != 2:
+                raise ValueError(f"layer {i}: weight must be 2-D (fan_in, fan_out); got {W.shape}")
+            if i > 1 and W.shape[0] != weights[i - 2].shape[1]:
+                raise ValueError(
+                    f"layer {i}: weight of shape {W.shape} takes {W.shape[0]} inputs but "
+                    f"layer {i - 1} gives {weights[i - 2].shape[1]} outputs"
+                )
+        sizes = [weights[0].shape[0]] + [W.shape[1] for W in weights]
+        model = cls(sizes, bias=biases is not None, **kwargs)
+        for i, W in enumerate(weights):
+            model.weights[i][...] = W
+        if biases is not None:
+            if len(biases) != len(weights):
+                raise ValueError(f"biases: {len(biases)} given for {len(weights)} layers")
+            for i, b in enumerate(biases, start=1):
+                b = np.asarray(b).reshape(-1)
+                if b.shape[0] != sizes[i]:
+                    raise ValueError(
+                        f"layer {i}: bias has {b.shape[0]} entries for {sizes[i]} units"
+                    )
+                model.biases[i - 1][...] = b
+        return model
+
+    def get_config(self) -> dict:
+        """The architecture as plain values: ``MLP(**model.get_config())`` rebuilds it."""
+        return {
+            "sizes": list(self.sizes),
+            "activation": [a.name for a in self.hidden_activations],
+            "output": self.output_activation.name,
+            "bias": self.bias,
+            "init": self.init,
+            "seed": self.seed,
+            "dtype": self.dtype.name,
+            "activation_params": dict(self.activation_params),
+            "loss": self.loss,
+        }
+
+    def copy(self, dtype: object | None = None) -> MLP:
+        """An independent copy, optionally cast to another dtype."""
+        config = self.get_config()
+        if dtype is not None:
+            config["dtype"] = dtype
+        clone = MLP(**config)
+        clone.set_params(self.params)
+        return clone
+
+    def set_params(self, flat: Array) -> None:
+        """Copy a flat parameter vector (same layout as ``params``) into the model."""
+        flat = np.asarray(flat)
+        if flat.shape != self.params.shape:
+            raise ValueError(
+                f"parameter vector has shape {flat.shape}; this model needs {self.params.shape}"
+            )
+        self.params[...] = flat
+
+    # --------------------------------------------------------------------- properties
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.size)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.sizes[-1]
+
+    @property
+    def n_classes(self) -> int:
+        return max(self.sizes[-1], 2)
+
+    @property
+    def activations(self) -> list[Activation]:
+        """Activation of every layer, the output layer last."""
+        return [*self.hidden_activations, self.output_activation]
+
+    def __repr__(self) -> str:
+        acts = ",".join(a.name for a in self.hidden_activations) or "-"
+        return (
+            f"MLP(sizes={self.sizes}, activation=[{acts}], output={self.output_activation.name}"
+            f", bias={self.bias}, params={self.n_params}, dtype={self.dtype.name})"
+        )
+
+    # ---------------------------------------------------------------------- checking
+
+    def check_input(self, X: Array) -> Array:
+        """Return X as a C-contiguous array of the model's dtype, or raise ValueError."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
+            raise ValueError(
+                f"X has shape {X.shape}; this model takes (n_samples, {self.sizes[0]})"
+            )
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X must be numeric; got dtype {X.dtype}")
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        if not np.all(np.isfinite(X)):
+            raise ValueError("X contains NaN or infinite values")
+        return X
+
+    def encode_targets(self, y: Array, n_samples: int | None = None) -> Array:
+        """Labels or targets as an ``(n_samples, n_outputs)`` matrix in the model's dtype."""
+        T = encode_targets(y, self.n_outputs, self.dtype)
+        if n_samples is not None and T.shape[0] != n_samples:
+            raise ValueError(f"X has {n_samples} samples but y has {T.shape[0]}")
+        return T
+
+    # ----------------------------------------------------------------------- forward
+
+    def forward_layers(self, X: Array) -> tuple[list[Array], list[Array]]:
+        """Run the forward pass keeping every layer's values.
+
+        Returns
+        -------
+        Zs : list of arrays
+            Pre-activations ``Z_l`` of shape ``(n, sizes[l])`` for ``l = 1..L``.
+        As : list of arrays
+            Activations with ``As[0] = X`` and ``As[l] = f_l(Z_l)``; ``As[-1]`` is the output.
+        """
+        return self._forward(self.check_input(X))
+
+    def _forward(self, X: Array) -> tuple[list[Array], list[Array]]:
+        Zs: list[Array] = []
+        As: list[Array] = [X]
+        for i, (W, act) in enumerate(zip(self.weights, self.activations, strict=True)):
+            Z = As[-1] @ W
+            if self.biases is not None:
+                Z += self.biases[i]
+            Zs.append(Z)
+            As.append(act.forward(Z))
+        return Zs, As
+
+    def forward(self, X: Array) -> Array:
+        """Network output after the output activation, shape ``(n, n_outputs)``."""
+        return self.forward_layers(X)[1][-1]
+
+    def predict_proba(self, X: Array) -> Array:
+        """Class probabilities, shape ``(n, n_classes)`` (``[1 - p, p]`` for one unit)."""
+        out = self.forward(X)
+        return scores_to_proba(out, self.output_activation.name, self.loss)
+
+    def predict(self, X: Array) -> Array:
+        """Class labels ``0..n_classes-1``, shape ``(n,)``."""
+        return np.argmax(self.predict_proba(X), axis=1)
+
+    # ---------------------------------------------------------------------- backward
+
+    def _backward(self, Zs: list[Array], As: list[Array], delta: Array) -> None:
+        """Fill ``self.grad`` from the output delta ``dLoss/dZ_L`` by the chain rule."""
+        n = delta.shape[0]
+        if self.biases is not None and self._ones.shape[0] != n:
+            self._ones = np.ones(n, dtype=self.dtype)
+        for i in reversed(range(self.n_layers)):
+            np.matmul(As[i].T, delta, out=self._grad_weights[i])
+            if self._grad_biases is not None:
+                np.matmul(self._ones, delta, out=self._grad_biases[i])
+            if i > 0:
+                grad_a = delta @ self.weights[i].T
+                delta = self.hidden_activations[i - 1].backward(Zs[i - 1], As[i], grad_a)
+
+    def value_and_grad(
+        self, X: Array, y: Array, loss: str | Loss, *, compute_value: bool = True
+    ) -> float:
+        """Mean loss on ``(X, y)``; leaves the gradient in ``self.grad`` (flat layout).
+
+        With ``compute_value=False`` only the gradient is computed and NaN is returned,
+        which saves the loss's logs and exps on steps nobody looks at.
+        """
+        loss = get_loss(loss)
+        loss.check_output(self.output_activation.name, self.n_outputs)
+        X = self.check_input(X)
+        T = self.encode_targets(y, X.shape[0])
+        return self._value_and_grad(X, T, loss, compute_value)
+
+    def _value_and_grad(self, X: Array, T: Array, loss: Loss, compute_value: bool) -> float:
+        """Unchecked path for the trainer, which validates its inputs once up front."""
+        Zs, As = self._forward(X)
+        delta = loss.delta(Zs[-1], As[-1], T, self.output_activation)
+        value = loss.value(Zs[-1], As[-1], T) if compute_value else float("nan")
+        self._backward(Zs, As, delta)
+        return value
+
+    def loss_and_grads(
+        self, X: Array, y: Array, loss: str | Loss
+    ) -> tuple[float, list[Array], list[Array] | None]:
+        """Mean loss and its gradients with respect to every parameter.
+
+        Parameters
+        ----------
+        X : array of shape (n_samples, sizes[0])
+        y : array of shape (n_samples,) or (n_samples, n_outputs)
+            Labels or targets (see :func:`pipeline.losses.encode_targets`).
+        loss : str or Loss
+            A loss name from :data:`pipeline.losses.LOSSES`.
+
+        Returns
+        -------
+        loss_value : float
+        dW : list of arrays, shapes equal to ``weights``
+        db : list of arrays, shapes equal to ``biases``, or None without biases
+        """
+        value = self.value_and_grad(X, y, loss)
+        dW = [g.copy() for g in self._grad_weights]
+        db = None if self._grad_biases is None else [g.copy() for g in self._grad_biases]
+        return value, dW, db
+
+    def compute_loss(self, X: Array, y: Array, loss: str | Loss) -> float:
+        """Mean loss on ``(X, y)`` without gradients."""
+        loss = get_loss(loss)
+        X = self.check_input(X)
+        T = self.encode_targets(y, X.shape[0])
+        Zs, As = self._forward(X)
+        return loss.value(Zs[-1], As[-1], T)
