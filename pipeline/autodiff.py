@@ -531,7 +531,9 @@ def _sample_loss(
                 -(float(ti) * ai.log() + (1.0 - float(ti)) * (1.0 - ai).log())
                 for ai, ti in zip(a, t, strict=True)
             ]
-        return _sum(terms) / k
+        # Summed over the output units (independent binary labels), like scikit-learn's
+        # binary log loss; only the squared error 'mse' averages over units too.
+        return _sum(terms)
     if loss == "cross_entropy":
         if output == "softmax":
             # -sum_j t_j log softmax(z)_j = sum_j t_j (logsumexp(z) - z_j)
@@ -578,8 +580,10 @@ def mlp_loss_oracle(
     output : str
         Output activation name.
     loss : str
-        One of ``mse``, ``half_sse``, ``bce``, ``cross_entropy``, ``hinge``; mean over the
-        batch.
+        One of ``mse``, ``half_sse``, ``bce``, ``cross_entropy``, ``hinge``; summed over the
+        output units and averaged over the batch, except ``mse``, the mean over both
+        (the conventions of :mod:`pipeline.losses`). Hinge with one unit maps labels
+        {0, 1} to {-1, +1}; with k units it is the Weston-Watkins multi-class hinge.
     activation_params : dict, optional
         ``slope`` for leaky_relu, ``alpha`` for elu.
 
