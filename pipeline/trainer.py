@@ -1,0 +1,322 @@
+"""The training loop: batches, optimiser steps, evaluation, diagnostics, callbacks.
+
+:func:`fit` knows nothing of Hydra, MLflow, files or terminals. After every evaluated
+epoch it hands a flat ``{name: float}`` dict to each callback; progress bars, trackers
+and plot recorders are callbacks, so a run without them (a test, a notebook) follows the
+same code path as a tracked run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.losses import Loss, get_loss, scores_to_proba
+from pipeline.nn import MLP
+from pipeline.optim import Optimizer, make_optimizer
+
+Array = np.ndarray
+Callback = Callable[[int, dict[str, float]], object]
+
+# A unit counts as saturated where its local derivative is below this share of the
+# function's largest derivative: |a| > 0.975 for tanh, a < 0.013 or a > 0.987 for sigmoid.
+SATURATION_THRESHOLD = 0.05
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training cleanly after the current epoch."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the parameters stopped being finite.
+
+    Attributes
+    ----------
+    epoch : int
+        The epoch in which it was detected (counting from 1).
+    reason : str
+        What became non-finite, e.g. ``"loss became inf"``.
+    """
+
+    def __init__(self, epoch: int, reason: str) -> None:
+        self.epoch = epoch
+        self.reason = reason
+        super().__init__(f"{reason} at epoch {epoch}; try a smaller optimizer.lr")
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of one training run.
+
+    Attributes
+    ----------
+    epochs : list of int
+        The evaluated epochs, counting from 1.
+    metrics : dict of str to list of float
+        One list per metric name, aligned with ``epochs``.
+    stopped_early : bool
+        Whether early stopping (or a callback) ended training before ``epochs``.
+    best_epoch : int or None
+        Epoch of the lowest validation loss, when a validation set was given.
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+    def append(self, epoch: int, values: dict[str, float]) -> None:
+        self.epochs.append(epoch)
+        for key, value in values.items():
+            self.metrics.setdefault(key, []).append(value)
+
+    def last(self) -> dict[str, float]:
+        """The most recent value of every metric."""
+        return {key: values[-1] for key, values in self.metrics.items() if values}
+
+    def to_frame(self):
+        """The history as a pandas DataFrame indexed by epoch."""
+        import pandas as pd
+
+        return pd.DataFrame(self.metrics, index=pd.Index(self.epochs, name="epoch"))
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+
+def true_labels(y: Array, T: Array) -> Array:
+    """Class labels from labels or a target matrix (argmax, or > 0.5 for one column)."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        return y.astype(np.int64)
+    return (T[:, 0] > 0.5).astype(np.int64) if T.shape[1] == 1 else np.argmax(T, axis=1)
+
+
+def _diagnostics(model: MLP, As: list[Array], out: dict[str, float]) -> None:
+    """Dead and saturated unit fractions per hidden layer, from a forward pass on data."""
+    for i, act in enumerate(model.hidden_activations, start=1):
+        a = As[i]
+        if act.family == "relu":
+            # A unit is dead when it never leaves its flat part (a <= 0) on any training
+            # sample. For leaky_relu and elu that part still has a small slope, so such
+            # units learn slowly rather than not at all, but the signal is the same.
+            out[f"dead_fraction/layer_{i}"] = float(np.mean(np.all(a <= 0, axis=0)))
+        elif act.family == "saturating":
+            if act.name == "tanh":
+                deriv, peak = 1.0 - a * a, 1.0
+            else:
+                deriv, peak = a * (1.0 - a), 0.25
+            out[f"saturated_fraction/layer_{i}"] = float(
+                np.mean(deriv < SATURATION_THRESHOLD * peak)
+            )
+
+
+def _layer_norms(model: MLP, flat: Array) -> list[float]:
+    """Euclidean norm per layer of a flat vector laid out like ``model.params``."""
+    norms = []
+    offset = 0
+    bias_offset = model.n_weight_params
+    for W in model.weights:
+        sq = float(np.dot(flat[offset : offset + W.size], flat[offset : offset + W.size]))
+        offset += W.size
+        if model.biases is not None:
+            b = flat[bias_offset : bias_offset + W.shape[1]]
+            sq += float(np.dot(b, b))
+            bias_offset += W.shape[1]
+        norms.append(np.sqrt(sq))
+    return norms
+
+
+def evaluate(model: MLP, X: Array, T: Array, labels: Array, loss: Loss) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on checked inputs."""
+    Zs, As = model._forward(X)
+    value = loss.value(Zs[-1], As[-1], T)
+    proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
+    accuracy = float(np.mean(np.argmax(proba, axis=1) == labels))
+    return value, accuracy
+
+
+def fit(
+    model: MLP,
+    X: Array,
+    y: Array,
+    *,
+    loss: str | Loss,
+    optimizer: Optimizer | str,
+    epochs: int,
+    batch_size: int | None = None,
+    seed: int = 0,
+    X_val: Array | None = None,
+    y_val: Array | None = None,
+    callbacks: Iterable[Callback] = (),
+    eval_every: int = 1,
+    patience: int | None = None,
+    restore_best: bool = True,
+    diagnostics: bool = True,
+) -> History:
+    """Train ``model`` in place by mini-batch gradient descent.
+
+    Parameters
+    ----------
+    model : MLP
+        The network; its parameters are updated in place.
+    X : array of shape (n_samples, n_features)
+    y : array of shape (n_samples,) or (n_samples, n_outputs)
+        Labels or targets.
+    loss : str or Loss
+        Loss name (``"bce"``, ``"cross_entropy"``, ``"mse"``, ...).
+    optimizer : Optimizer or str
+        A configured optimiser, or a name to build one with its default settings.
+    epochs : int
+        Passes over the training data.
+    batch_size : int or None
+        None for full batch, 1 for online learning. Samples are reshuffled every epoch
+        with a generator seeded by ``seed``.
+    X_val, y_val : arrays, optional
+        Held-out data; reported as ``test/loss`` and ``test/accuracy``.
+    callbacks : iterable of callables
+        ``callback(epoch, metrics)`` after each evaluated epoch; raise
+        :class:`StopTraining` to stop.
+    eval_every : int
+        Evaluate (and call callbacks) every this many epochs, and on the last one.
+    patience : int or None
+        Stop when the validation loss has not improved for this many evaluations.
+    restore_best : bool
+        With ``patience``, put back the parameters of the best evaluation at the end.
+    diagnostics : bool
+        Also report per-layer gradient norms, update-to-weight ratios and the fractions
+        of dead or saturated hidden units.
+
+    Returns
+    -------
+    History
+
+    Raises
+    ------
+    DivergenceError
+        When the loss or the parameters become NaN or infinite.
+    ValueError
+        For inputs that do not fit the model or out-of-range settings.
+    """
+    loss = get_loss(loss)
+    loss.check_output(model.output_activation.name, model.n_outputs)
+    if isinstance(optimizer, str):
+        optimizer = make_optimizer(optimizer)
+    epochs = _positive_int("epochs", epochs)
+    eval_every = _positive_int("eval_every", eval_every)
+    if patience is not None:
+        patience = _positive_int("patience", patience)
+
+    X = model.check_input(X)
+    n = X.shape[0]
+    T = model.encode_targets(y, n)
+    labels = true_labels(y, T)
+    batch = n if batch_size is None else _positive_int("batch_size", batch_size)
+    if batch > n:
+        raise ValueError(f"batch_size={batch_size}: must be at most the {n} training samples")
+    has_val = X_val is not None and y_val is not None
+    if has_val:
+        X_val = model.check_input(X_val)
+        T_val = model.encode_targets(y_val, X_val.shape[0])
+        labels_val = true_labels(y_val, T_val)
+    elif patience is not None:
+        raise ValueError("patience: early stopping needs validation data (X_val, y_val)")
+
+    callbacks = list(callbacks)
+    optimizer.bind(model.n_params, model.n_weight_params, model.dtype)
+    rng = np.random.default_rng(seed)
+    history = History()
+    best_loss, best_params, stale = np.inf, None, 0
+
+    # Reused batch buffers: fancy indexing would allocate a fresh copy every step.
+    n_batches = -(-n // batch)
+    Xb = np.empty((batch, X.shape[1]), dtype=model.dtype)
+    Tb = np.empty((batch, T.shape[1]), dtype=model.dtype)
+    previous = np.empty_like(model.params) if diagnostics else None
+
+    for epoch in range(1, epochs + 1):
+        optimizer.set_epoch(epoch)
+        evaluate_now = epoch % eval_every == 0 or epoch == epochs
+        batches = [(X, T)] if batch == n else _shuffled_batches(X, T, rng, batch, Xb, Tb)
+        for step, (xb, tb) in enumerate(batches):
+            model._value_and_grad(xb, tb, loss, compute_value=False)
+            if evaluate_now and diagnostics and step == n_batches - 1:
+                # Kept to report the size of the epoch's last update relative to the weights.
+                previous[...] = model.params
+            optimizer.step(model.params, model.grad)
+        if not np.all(np.isfinite(model.params)):
+            raise DivergenceError(epoch, "parameters became non-finite")
+        if not evaluate_now:
+            continue
+
+        metrics: dict[str, float] = {}
+        Zs, As = model._forward(X)
+        train_loss = loss.value(Zs[-1], As[-1], T)
+        if not np.isfinite(train_loss):
+            raise DivergenceError(epoch, f"loss became {train_loss}")
+        proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
+        metrics["train/loss"] = train_loss
+        metrics["train/accuracy"] = float(np.mean(np.argmax(proba, axis=1) == labels))
+        if has_val:
+            val_loss, val_accuracy = evaluate(model, X_val, T_val, labels_val, loss)
+            metrics["test/loss"] = val_loss
+            metrics["test/accuracy"] = val_accuracy
+        metrics["lr"] = float(optimizer.current_lr)
+        if diagnostics:
+            grad_norms = _layer_norms(model, model.grad)
+            update_norms = _layer_norms(model, model.params - previous)
+            weight_norms = _layer_norms(model, model.params)
+            norms = zip(grad_norms, update_norms, weight_norms, strict=True)
+            for i, (g, u, w) in enumerate(norms, start=1):
+                metrics[f"grad_norm/layer_{i}"] = float(g)
+                metrics[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
+            _diagnostics(model, As, metrics)
+        history.append(epoch, metrics)
+
+        stop = False
+        if has_val:
+            if metrics["test/loss"] < best_loss:
+                best_loss, stale = metrics["test/loss"], 0
+                history.best_epoch = epoch
+                if patience is not None and restore_best:
+                    best_params = model.params.copy()
+            else:
+                stale += 1
+                stop = patience is not None and stale >= patience
+        for callback in callbacks:
+            try:
+                callback(epoch, metrics)
+            except StopTraining:
+                stop = True
+        if stop and epoch < epochs:
+            history.stopped_early = True
+            break
+
+    if best_params is not None and history.stopped_early:
+        model.set_params(best_params)
+    return history
+
+
+def _shuffled_batches(
+    X: Array, T: Array, rng: np.random.Generator, batch: int, Xb: Array, Tb: Array
+) -> Iterator[tuple[Array, Array]]:
+    """One epoch of shuffled batches; full-size ones are gathered into reused buffers."""
+    n = X.shape[0]
+    order = rng.permutation(n)
+    n_full = n // batch
+    for k in range(n_full):
+        idx = order[k * batch : (k + 1) * batch]
+        np.take(X, idx, axis=0, out=Xb)
+        np.take(T, idx, axis=0, out=Tb)
+        yield Xb, Tb
+    if n_full * batch < n:
+        idx = order[n_full * batch :]
+        yield X[idx], T[idx]
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{key}={value!r}: must be an integer >= 1")
+    return int(value)
