@@ -136,6 +136,12 @@ def _ce_value(z: Array, a: Array, T: Array) -> float:
     return float(-np.sum(T * log_softmax) / z.shape[0])
 
 
+def _ce_delta(z: Array, a: Array, T: Array) -> Array:
+    # d/dz of -sum_j t_j log softmax_j(z) is a * sum_j t_j - t; for one-hot (or any
+    # probability-vector) targets the row sums are 1 and this is the familiar a - t.
+    return (a * T.sum(axis=1, keepdims=True) - T) / a.shape[0]
+
+
 def _ce_grad(z: Array, a: Array, T: Array) -> Array:
     eps = np.finfo(a.dtype).tiny
     return -T / (np.maximum(a, eps) * a.shape[0])
@@ -178,7 +184,7 @@ LOSSES: dict[str, Loss] = {
     ),
     "cross_entropy": Loss(
         "cross_entropy", _ce_value, _ce_grad, outputs=("softmax",), min_units=2,
-        fused=("softmax",), fused_delta=_residual_over_n,
+        fused=("softmax",), fused_delta=_ce_delta,
     ),
     "hinge": Loss("hinge", _hinge_value, _hinge_grad, outputs=("identity", "tanh")),
 }

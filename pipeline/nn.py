@@ -214,7 +214,7 @@ class MLP:
         config = self.get_config()
         if dtype is not None:
             config["dtype"] = dtype
-        clone = MLP(**config)
+        clone = type(self)(**config)
         clone.set_params(self.params)
         return clone
 

@@ -279,11 +279,6 @@ def test_reverse_mode_demo_f_equals_a_plus_b_times_b_plus_c() -> None:
     assert demo["forward_passes"] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: losses.py cross_entropy uses the fused delta (a - T) / n, which is "
-    "the gradient only when target rows sum to 1; (n, k) targets are not checked",
-)
 def test_cross_entropy_with_soft_targets_not_summing_to_one() -> None:
     """(n, k) float targets are accepted for cross_entropy; the gradient must then be the
     derivative of the value the loss reports, -sum_j t_j log softmax(z)_j, which is
