@@ -218,6 +218,36 @@ class MLP:
         clone.set_params(self.params)
         return clone
 
+    def with_input_scaling(self, mean: Array, std: Array) -> MLP:
+        """A copy that takes raw inputs ``X`` where this model takes ``(X - mean) / std``.
+
+        The scaling is affine, so it folds exactly into the first layer:
+        ``((X - mean) / std) @ W + b == X @ (W / std[:, None]) + (b - (mean / std) @ W)``.
+        The copy always has biases (zero where this model has none), since the shift needs
+        one. Serving the copy means users never have to standardise inputs themselves.
+        """
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        std = np.asarray(std, dtype=np.float64).reshape(-1)
+        if mean.shape != (self.sizes[0],) or std.shape != (self.sizes[0],):
+            raise ValueError(
+                f"mean and std need {self.sizes[0]} entries; got {mean.shape} and {std.shape}"
+            )
+        if not np.all(np.isfinite(std)) or np.any(std <= 0):
+            raise ValueError(f"std={std.tolist()}: entries must be finite and > 0")
+        config = self.get_config()
+        config["bias"] = True
+        folded = type(self)(**config)
+        for i, W in enumerate(self.weights):
+            folded.weights[i][...] = W
+            if self.biases is not None:
+                folded.biases[i][...] = self.biases[i]
+            else:
+                folded.biases[i][...] = 0.0
+        W1 = self.weights[0].astype(np.float64)
+        folded.weights[0][...] = W1 / std[:, None]
+        folded.biases[0][...] = folded.biases[0] - (mean / std) @ W1
+        return folded
+
     def set_params(self, flat: Array) -> None:
         """Copy a flat parameter vector (same layout as ``params``) into the model."""
         flat = np.asarray(flat)

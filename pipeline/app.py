@@ -1,0 +1,439 @@
+"""One training job from a composed config: data, model, training, tracking, artifacts.
+
+``train.py`` (Hydra) calls :func:`main` with the composed config; :func:`run` does the
+work from plain values, so tests and notebooks can call it without Hydra. Whatever
+happens during training (success, divergence, Ctrl-C, SIGTERM, an exception) the run
+ends with the matching MLflow status and keeps what was logged and drawn so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import dataset_kwargs, optimizer_kwargs, project_root, resolve_head, run_name
+from pipeline.data import Dataset, make_dataset
+from pipeline.nn import MLP
+from pipeline.optim import make_optimizer
+from pipeline.progress import ProgressBar, want_progress
+from pipeline.trainer import DivergenceError, History, fit
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """Training ended without a result (diverged or raised); the run is recorded FAILED."""
+
+
+@dataclass
+class RunResult:
+    """What one job produced.
+
+    Attributes
+    ----------
+    status : {"FINISHED", "FAILED", "KILLED"}
+    metrics : dict
+        Final value of every metric.
+    history : History
+    model : MLP
+        The trained network (on standardised inputs).
+    dataset : Dataset
+    run_id, experiment_id, tracking_uri : str or None
+        None when tracking is off.
+    reason : str or None
+        Why the run did not finish.
+    timings : dict
+        Seconds per phase (data, train, plots, logging, ...).
+    """
+
+    status: str
+    metrics: dict[str, float]
+    history: History
+    model: MLP
+    dataset: Dataset
+    run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> float | None:
+        """Final test loss: what hyper-parameter sweepers minimise."""
+        return self.metrics.get("test/loss")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while training, so the run can end KILLED, not RUNNING."""
+    if os.name != "posix":
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (e.g. a threaded launcher): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+
+
+def git_commit(root: Path) -> str | None:
+    """The checked-out commit of the project, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def build_model(config: Mapping[str, Any], dataset: Dataset) -> MLP:
+    """The network the config describes, sized for the dataset."""
+    m, t = config["model"], config["trainer"]
+    output, loss, n_outputs = resolve_head(m["output"], m["loss"], dataset.n_classes)
+    return MLP(
+        [dataset.n_features, *m["hidden_sizes"], n_outputs],
+        activation=m["activation"],
+        output=output,
+        bias=m["bias"],
+        init=m["init"],
+        seed=t["seed"],
+        dtype=t["dtype"],
+        activation_params=m.get("activation_params") or {},
+        loss=loss,
+    )
+
+
+def _raw_proba(model: MLP, dataset: Dataset):
+    """``predict_proba`` on inputs in the data's own units (plots show real coordinates)."""
+
+    def predict_proba(X: np.ndarray) -> np.ndarray:
+        return model.predict_proba(dataset.transform(X))
+
+    return predict_proba
+
+
+def run(
+    config: Mapping[str, Any],
+    *,
+    overrides: Sequence[str] = (),
+    output_dir: str | os.PathLike | None = None,
+    parent_run_id: str | None = None,
+    parallel: bool = False,
+    echo: bool = True,
+) -> RunResult:
+    """Train and track one job described by a validated, resolved config.
+
+    Parameters
+    ----------
+    config : mapping
+        The composed config as plain values (``dataset``, ``model``, ``optimizer``,
+        ``trainer``, ``tracking``), already checked by :func:`pipeline.config.validate`.
+    overrides : sequence of str
+        The command-line overrides, recorded as a tag.
+    output_dir : path, optional
+        Hydra's output directory for this job (spooled data goes there if the store fails).
+    parent_run_id : str, optional
+        Nest the run under this MLflow run (a sweep's parent).
+    parallel : bool
+        True inside a parallel sweep: no progress bar, one BLAS thread.
+    echo : bool
+        Print the final summary.
+
+    Raises
+    ------
+    RunFailed
+        When training diverged or raised; the run is recorded FAILED first.
+    KeyboardInterrupt
+        On Ctrl-C or SIGTERM, after the run is recorded KILLED with what it reached.
+    """
+    timer = _Timer()
+    tcfg, trk = config["trainer"], config["tracking"]
+    with timer("data"):
+        dataset = make_dataset(config["dataset"]["name"], **dataset_kwargs(config))
+    model = build_model(config, dataset)
+    optimizer = make_optimizer(**optimizer_kwargs(config))
+    name = run_name(config)
+
+    tracker = None
+    tracking_uri = None
+    if trk["kind"] != "none":
+        with timer("logging"):
+            tracker, tracking_uri = _start_tracking(
+                config, name, dataset, overrides, output_dir, parent_run_id
+            )
+
+    history = History()
+    predict_raw = _raw_proba(model, dataset)
+    animation = None
+    callbacks: list = [history.append]
+    if tracker is not None:
+        callbacks.append(tracker)
+        if trk.get("animation", True):
+            animation = _start_animation(dataset, model, tcfg, predict_raw)
+            callbacks.append(animation[1])
+    bar = ProgressBar(tcfg["epochs"], name, enabled=want_progress(tcfg["progress"],
+                                                                   parallel=parallel))
+    callbacks.append(bar)
+
+    if tcfg.get("gradcheck"):
+        _run_gradcheck(model, dataset, tracker, echo)
+
+    before = None
+    if tracker is not None:
+        with timer("plots"):
+            before = _boundary_figure(predict_raw, dataset, f"{name}: before training")
+
+    status, reason, error = "FINISHED", None, None
+    with timer("train"), _sigterm_as_interrupt(), _thread_limit(tcfg.get("threads"), parallel):
+        try:
+            fit(
+                model, dataset.X_train, dataset.y_train,
+                loss=model.loss, optimizer=optimizer, epochs=tcfg["epochs"],
+                batch_size=tcfg["batch_size"], seed=tcfg["seed"],
+                X_val=dataset.X_test, y_val=dataset.y_test, callbacks=callbacks,
+                eval_every=tcfg["eval_every"], patience=tcfg["patience"],
+            )
+        except DivergenceError as exc:
+            status, reason, error = "FAILED", str(exc), exc
+        except KeyboardInterrupt as exc:
+            status, reason, error = "KILLED", f"interrupted ({exc or 'Ctrl-C'})", exc
+        except Exception as exc:  # recorded on the run, then re-raised
+            status, reason, error = "FAILED", f"{type(exc).__name__}: {exc}", exc
+        finally:
+            bar.close()
+
+    metrics = history.last()
+    if tracker is not None:
+        # Restore default Ctrl-C while saving: a second Ctrl-C then exits at once.
+        try:
+            _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
+                         before, animation, status, name)
+        finally:
+            tracker.log_metrics({f"time/{k}": v for k, v in timer.seconds.items()},
+                                step=0)
+            tracker.end(status, reason)
+
+    result = RunResult(
+        status=status, metrics=metrics, history=history, model=model, dataset=dataset,
+        run_id=tracker.run_id if tracker else None,
+        experiment_id=tracker.experiment_id if tracker else None,
+        tracking_uri=tracking_uri, reason=reason, timings=dict(timer.seconds),
+    )
+    if echo:
+        _print_summary(result, name)
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    if error is not None:
+        raise RunFailed(reason) from error
+    return result
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _start_tracking(config, name, dataset, overrides, output_dir, parent_run_id):
+    from pipeline import tracking
+
+    trk = config["tracking"]
+    uri = tracking.resolve_tracking_uri(trk["kind"], trk.get("uri"))
+    tracking.check_reachable(uri)
+    experiment_id = os.environ.get("BACKPROP_EXPERIMENT_ID") or tracking.prepare_experiment(
+        uri, trk["experiment"]
+    )
+    spool = Path(output_dir) / "spool" if output_dir else None
+    tracker = tracking.RunTracker(uri, spool_root=spool)
+    tags = {"dataset": dataset.name, "overrides": " ".join(overrides) or "(defaults)"}
+    commit = git_commit(project_root())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    tracker.start(experiment_id, name, params=config, tags=tags, parent_run_id=parent_run_id)
+    frame = dataset.to_frame()
+    tracker.log_dataset(frame, name=dataset.name, source=dataset.source, targets="label")
+    return tracker, uri
+
+
+def _start_animation(dataset: Dataset, model: MLP, tcfg, predict_raw):
+    from pipeline.plots import BoundaryAnimation, frame_epochs
+
+    anim = BoundaryAnimation(
+        dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
+        resolution=80, class_names=[str(c) for c in dataset.classes],
+        feature_names=dataset.feature_names,
+    )
+    anim.add_frame(predict_raw, 0)
+    epochs = frame_epochs(tcfg["epochs"], tcfg.get("animation_frames", 40))
+    return anim, anim.callback(predict_raw, epochs)
+
+
+def _boundary_figure(predict_raw, dataset: Dataset, title: str):
+    from pipeline.plots import plot_decision_boundary
+
+    return plot_decision_boundary(
+        predict_raw, dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
+        title=title, class_names=[str(c) for c in dataset.classes],
+        feature_names=dataset.feature_names,
+    )
+
+
+def _run_gradcheck(model: MLP, dataset: Dataset, tracker, echo: bool) -> None:
+    from pipeline.gradcheck import gradcheck
+
+    n = min(64, dataset.X_train.shape[0])
+    result = gradcheck(model, dataset.X_train[:n], dataset.y_train[:n], model.loss)
+    if echo:
+        print(result.table())
+    if tracker is not None:
+        tracker.log_metrics({f"gradcheck/{k}": v for k, v in result.items()}, step=0)
+        tracker.set_tags({"gradcheck": "passed" if result.passed else "FAILED"})
+
+
+@contextmanager
+def _thread_limit(setting: object, parallel: bool) -> Iterator[None]:
+    """Cap BLAS threads: one per job in a parallel sweep, or the configured number."""
+    from threadpoolctl import threadpool_limits
+
+    limit = 1 if parallel and setting in (None, "auto") else setting
+    if limit in (None, "auto"):
+        yield
+        return
+    with threadpool_limits(limits=int(limit)):
+        yield
+
+
+def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, before,
+                 animation, status, name) -> None:
+    """Every artifact of the run, for the state the model reached."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from pipeline.plots import plot_training_curves
+
+    diverged = not np.all(np.isfinite(model.params))
+    with timer("plots"):
+        if before is not None:
+            tracker.log_figure(before, "plots/boundary_before.png")
+        if not diverged:
+            tracker.log_figure(
+                _boundary_figure(predict_raw, dataset, f"{name}: after {len(history)} epochs"
+                                 if status == "FINISHED" else f"{name}: {status.lower()}"),
+                "plots/boundary_after.png",
+            )
+        if len(history):
+            tracker.log_figure(
+                plot_training_curves(history.metrics, history.epochs, title=name,
+                                     best_epoch=history.best_epoch),
+                "plots/curves.png",
+            )
+        if animation is not None and len(animation[0]) > 1:
+            with tempfile.TemporaryDirectory() as tmp:
+                gif = animation[0].save_gif(Path(tmp) / "boundary.gif")
+                tracker.log_artifact(gif, "plots")
+    with timer("logging"):
+        _log_config(tracker, config)
+        tracker.log_text(dataset.to_frame().to_csv(index=False), "data/dataset.csv")
+        summary = {"status": status, "epochs_run": history.epochs[-1] if history.epochs else 0,
+                   "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+                   **history.last()}
+        tracker.log_dict(summary, "summary.json")
+        if status != "FAILED" and not diverged and config["tracking"].get("log_model", True):
+            raw_model = model.with_input_scaling(dataset.mean, dataset.std)
+            tracker.log_model(
+                raw_model, dataset.X_train_raw[:5],
+                class_names=[f"proba_{c}" for c in dataset.classes],
+                feature_names=list(dataset.feature_names),
+            )
+
+
+def _log_config(tracker, config: Mapping[str, Any]) -> None:
+    from omegaconf import OmegaConf
+
+    tracker.log_text(OmegaConf.to_yaml(OmegaConf.create(dict(config))), "config.yaml")
+
+
+def _print_summary(result: RunResult, name: str) -> None:
+    m = result.metrics
+    parts = [f"{k.split('/')[0]} accuracy {m[k]:.3f}" for k in ("train/accuracy", "test/accuracy")
+             if k in m]
+    if "test/loss" in m:
+        parts.append(f"test loss {m['test/loss']:.4f}")
+    print(f"{name}: {result.status} after {result.history.epochs[-1] if len(result.history) else 0}"
+          f" epochs ({result.timings.get('train', 0.0):.2f} s training)")
+    if parts:
+        print("  " + ", ".join(parts))
+    if result.reason:
+        print(f"  reason: {result.reason}")
+    if result.run_id:
+        from pipeline import tracking
+
+        print(f"  MLflow run {result.run_id} in experiment {result.experiment_id}")
+        print(f"  view it: {tracking.ui_command(result.tracking_uri)}")
+        url = tracking.run_url(result.tracking_uri, result.experiment_id, result.run_id)
+        if url:
+            print(f"  then open {url}")
+
+
+# ------------------------------------------------------------------------------ Hydra
+
+
+def main(cfg: Any) -> float | None:
+    """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    overrides: list[str] = []
+    output_dir = None
+    parallel = False
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        output_dir = hc.runtime.output_dir
+        launcher = str(hc.launcher.get("_target_", ""))
+        parallel = "basic" not in launcher.lower() and hc.mode.name == "MULTIRUN"
+    parent = os.environ.get("BACKPROP_PARENT_RUN_ID")
+    result = run(plain, overrides=overrides, output_dir=output_dir, parent_run_id=parent,
+                 parallel=parallel)
+    if output_dir:
+        (Path(output_dir) / "result.json").write_text(json.dumps(
+            {"status": result.status, "run_id": result.run_id, "metrics": result.metrics},
+            default=float, indent=1))
+    return result.objective
