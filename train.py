@@ -1,0 +1,118 @@
+"""Train one MLP (or a sweep of them) from the Hydra configs in ``conf/``.
+
+    python train.py                                   # moons, 16x16 tanh, Adam
+    python train.py dataset=spirals optimizer=sgd optimizer.lr=0.5
+    python train.py +experiment=xor_2_2_1
+    python train.py -m model.hidden_sizes='[4],[8],[16]' optimizer.lr=0.01,0.1
+    python train.py +sweep=width_x_lr
+
+A thin shell: the config is composed by Hydra, checked by ``pipeline.config.validate``
+(before anything is trained or logged) and handed to ``pipeline.app``. A bad config
+prints one line ``<key>=<value>: <what is allowed>`` on stderr and exits with status 2;
+set ``HYDRA_FULL_ERROR=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import as_config_error, register_configs, validate
+
+# The schemas must be in the ConfigStore before Hydra composes conf/config.yaml. Module
+# level, so that launchers running jobs in other processes (joblib, submitit) get them
+# when they unpickle main().
+register_configs()
+
+#: Exit status for a configuration error (argparse's convention for usage errors).
+EXIT_CONFIG_ERROR = 2
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Validate the composed config and run one training job; return its objective.
+
+    The return value (the final test loss, or None) is what Hydra sweepers optimise.
+    Errors are raised, never turned into ``SystemExit`` here: in a multirun one bad job
+    must not end the sweep.
+    """
+    validate(cfg)
+    # Imported lazily: a bad config fails fast without loading numpy/MLflow, and config
+    # errors are reported even if the app cannot be imported.
+    from pipeline.app import main as app_main
+
+    return app_main(cfg)
+
+
+class _HoldJobErrorLine:
+    """A stderr proxy that holds back Hydra's "Error executing job with overrides" line.
+
+    Hydra writes that line just before re-raising a job's exception. For a configuration
+    error the one-line message says everything, so the line is dropped; for any other
+    error it is written out (before the traceback) as usual.
+    """
+
+    PREFIX = "Error executing job with overrides:"
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._held: list[str] = []
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self._held.append(text)
+            return len(text)
+        if self._held and text.strip():
+            self.release()
+        return self._stream.write(text)
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for text in held:
+            self._stream.write(text)
+
+    def discard(self) -> None:
+        self._held = []
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, flush, encoding...
+        return getattr(self._stream, name)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run :func:`main`, printing configuration errors as one line instead of a traceback.
+
+    Hydra prints its own multi-line report (and exits 1) for errors unless
+    ``HYDRA_FULL_ERROR=1``; we set it for the call so the exception reaches us, and
+    format configuration errors ourselves (exit status 2). Other exceptions propagate
+    unchanged, and ``HYDRA_FULL_ERROR=1`` set by the user shows every traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    stderr = sys.stderr
+    proxy = _HoldJobErrorLine(stderr)
+    sys.stderr = proxy
+    try:
+        main()
+    except Exception as exc:
+        err = as_config_error(exc, argv)
+        if err is None or user_wants_traceback:
+            proxy.release()
+            raise
+        proxy.discard()
+        print(f"config error: {err}", file=stderr)
+        return EXIT_CONFIG_ERROR
+    finally:
+        sys.stderr = stderr
+        proxy.release()
+        if not user_wants_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
