@@ -374,7 +374,9 @@ def boundary_grid(X: np.ndarray, resolution: int = 200, margin: float = 0.5) -> 
     resolution : int
         Number of grid values along each axis (>= 2).
     margin : float
-        Extra space added on every side, in data units (>= 0).
+        Extra space added on every side, in units of that feature's standard deviation
+        (>= 0): half a unit on standardised data, and the same relative room for data in
+        raw units of any scale (a CSV in metres or in micrometres).
 
     Returns
     -------
@@ -390,8 +392,10 @@ def boundary_grid(X: np.ndarray, resolution: int = 200, margin: float = 0.5) -> 
         raise ValueError(f"resolution must be an integer >= 2, got {resolution!r}")
     if not (np.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    lo = X.min(axis=0) - margin
-    hi = X.max(axis=0) + margin
+    scale = X.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)  # a single point or a constant feature
+    lo = X.min(axis=0) - margin * scale
+    hi = X.max(axis=0) + margin * scale
     # A degenerate axis (all points share one coordinate) would give a zero-width image.
     hi = np.where(hi - lo > 0, hi, lo + 1.0)
     xs = np.linspace(lo[0], hi[0], int(resolution))

@@ -73,13 +73,17 @@ def _boundary(ax) -> LineCollection:
 # ------------------------------------------------------------------------------ grid
 
 
-def test_boundary_grid_covers_data_with_margin():
-    X = np.array([[0.0, -1.0], [2.0, 3.0]])
+def test_boundary_grid_covers_data_with_margin_relative_to_spread():
+    X = np.array([[0.0, -1.0], [2.0, 3.0]])  # feature std: 1 and 2
     xx, yy, pts = plots.boundary_grid(X, resolution=11, margin=0.5)
     assert xx.shape == yy.shape == (11, 11)
     assert pts.shape == (121, 2)
     assert xx.min() == -0.5 and xx.max() == 2.5
-    assert yy.min() == -1.5 and yy.max() == 3.5
+    assert yy.min() == -2.0 and yy.max() == 4.0
+    # the same picture at any scale (raw units)
+    xx_small, yy_small, _ = plots.boundary_grid(X * 1e-3, resolution=11, margin=0.5)
+    np.testing.assert_allclose(xx_small, xx * 1e-3)
+    np.testing.assert_allclose(yy_small, yy * 1e-3)
     # points are the raveled meshgrid, so predict_proba(points).reshape(res, res, k) maps back
     np.testing.assert_array_equal(pts[:, 0].reshape(11, 11), xx)
     np.testing.assert_array_equal(pts[:, 1].reshape(11, 11), yy)
