@@ -344,7 +344,10 @@ def load_config(
             raise
         raise err from exc
     if check:
-        validate(cfg)
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise as_config_error(exc, overrides) from None  # quote values as typed
     return cfg
 
 
