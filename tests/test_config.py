@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,18 @@ def test_root_config_lists_every_group():
     ]:
         assert f"- {group}: {default}" in text
     assert "- _self_" in text
+
+
+def test_help_lists_every_option_and_its_examples_work():
+    cfg = load_config(return_hydra_config=True)
+    lines = cfg.hydra.help.template.splitlines()
+    for group in [*GROUPS, "experiment", "sweep"]:
+        (line,) = [ln for ln in lines if ln.startswith((f"{group}=", f"+{group}="))]
+        assert sorted(line.split("(")[0].split()[1:]) == options(group), group
+    examples = [ln for ln in lines if ln.startswith("python train.py ") and " -m " not in ln]
+    assert examples
+    for line in examples:
+        load_config(shlex.split(line)[2:])
 
 
 # ------------------------------------------------------------------------------ groups
