@@ -388,11 +388,14 @@ class ConfigError(ValueError):
         What would be accepted.
     """
 
-    def __init__(self, key: str, value: Any, allowed: str, *, raw: bool = False) -> None:
+    def __init__(
+        self, key: str, value: Any, allowed: str, *, raw: bool = False, message: str = ""
+    ) -> None:
         self.key = key
         self.value = value if raw and isinstance(value, str) else format_value(value)
         self.allowed = _one_line(allowed)
-        super().__init__(f"{self.key}={self.value}: {self.allowed}")
+        # `message` keeps the wording of an engine ValueError that already names its key.
+        super().__init__(_one_line(message) or f"{self.key}={self.value}: {self.allowed}")
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -555,6 +558,15 @@ def as_config_error(
         if isinstance(cause, InterpolationResolutionError):
             return ConfigError(key, value, f"cannot be resolved ({msg})", raw=raw)
         return ConfigError(key or "config", value, msg, raw=raw)
+
+    if isinstance(exc, ValueError) and not isinstance(exc, OmegaConfBaseException):
+        # The engine's own checks (pipeline.data, pipeline.optim...) raise ValueError
+        # messages that start with the config key: "dataset.path='x.csv': no such file".
+        text = _one_line(str(exc))
+        m = re.match(rf"^((?:{'|'.join(SECTION_SCHEMAS)})(?:\.\w+)+)(?:=(\S+?))?[:;,]?\s", text)
+        if m:
+            return ConfigError(m.group(1), m.group(2) or "", text, raw=True, message=text)
+        return None
 
     if isinstance(exc, ConfigCompositionException):
         text = str(exc)

@@ -383,6 +383,23 @@ def test_unknown_option_lists_the_options():
 def test_as_config_error_leaves_other_errors_alone():
     assert as_config_error(RuntimeError("boom")) is None
     assert as_config_error(KeyError("x")) is None
+    assert as_config_error(ValueError("X contains NaN")) is None
+
+
+@pytest.mark.parametrize(
+    ("message", "key"),
+    [
+        ("dataset.noise=-1 is invalid; allowed: a number >= 0", "dataset.noise"),
+        ("dataset.n_samples: 3 rows are too few to put each of the 2 classes", "dataset.n_samples"),
+        ("dataset.label_column='y' has 2 missing\nlabel(s) in /x.csv", "dataset.label_column"),
+        ("optimizer.schedule_params.t_max is required for schedule 'cosine'",
+         "optimizer.schedule_params.t_max"),
+    ],
+)
+def test_engine_value_errors_naming_a_key_become_one_line(message, key):
+    err = as_config_error(ValueError(message))
+    assert isinstance(err, ConfigError) and err.key == key
+    assert str(err) == " ".join(message.split())
 
 
 def test_validate_works_on_plain_mappings(default_cfg):
@@ -549,3 +566,21 @@ def test_train_py_composition_error_and_full_error_switch(tmp_path):
     proc = _run_train(tmp_path, "optimizer=lbfgs", HYDRA_FULL_ERROR="1")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_py_bad_csv_is_one_line_and_tracks_nothing(tmp_path):
+    # Caught by pipeline.data when the app loads the file, before any MLflow run starts.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,label\n1,2,x\n3,oops,y\n4,5,x\n6,7,y\n")
+    proc = _run_train(tmp_path, "dataset=csv", f"dataset.path={bad}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: dataset."), proc.stderr
+    assert "oops" in lines[0] and "Traceback" not in proc.stderr
+    if (tmp_path / "mlflow.db").exists():
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        assert client.search_runs(experiments) == []
