@@ -1,0 +1,258 @@
+"""pipeline.app in-process: RunResult, model sizing, loss resolution, raw-input export,
+divergence and failures recorded in a throw-away MLflow store.
+
+Configs come from ``conf/`` composed as ``train.py`` composes them (``config`` fixture);
+tracked runs log into ``tracking_env`` (an SQLite store under ``tmp_path``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import app
+from pipeline.app import RunFailed, RunResult, build_model
+from pipeline.config import dataset_kwargs
+from pipeline.data import make_dataset
+from pipeline.nn import MLP
+from pipeline.trainer import DivergenceError, History
+
+#: Diverges at a small, fixed epoch (> 1, so some metrics exist before it): unbounded
+#: ReLU/identity network, MSE, plain SGD with a large step.
+DIVERGING = (
+    "optimizer=sgd", "optimizer.lr=10", "model.activation=relu",
+    "model.output=identity", "model.loss=mse",
+)
+#: A tracked run without the model and the GIF (seconds each; test_train_e2e covers them).
+LIGHT = ("tracking.log_model=false", "tracking.animation=false")
+
+
+def _dataset(cfg: dict):
+    return make_dataset(cfg["dataset"]["name"], **dataset_kwargs(cfg))
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def test_run_without_tracking_returns_a_complete_result(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/must-not-exist.db")
+    result = app.run(config("tracking=none", "trainer.epochs=20"), echo=False)
+
+    assert isinstance(result, RunResult)
+    assert result.status == "FINISHED"
+    assert result.reason is None
+    assert (result.run_id, result.experiment_id, result.tracking_uri) == (None, None, None)
+    assert isinstance(result.history, History) and result.history.epochs == list(range(1, 21))
+    assert isinstance(result.model, MLP)
+    assert result.dataset.name == "moons"
+    for key in ("train/loss", "test/loss", "train/accuracy", "test/accuracy", "lr",
+                "grad_norm/layer_1", "update_ratio/layer_1", "saturated_fraction/layer_1"):
+        assert key in result.metrics, key
+        assert result.metrics[key] == result.history.metrics[key][-1]
+    assert result.objective == result.metrics["test/loss"]
+    assert {"data", "train"} <= set(result.timings)
+    assert all(v >= 0 for v in result.timings.values())
+    # tracking=none touches no store, whatever MLFLOW_TRACKING_URI says.
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_run_with_tracking_logs_one_finished_run(config, tracking_env, capsys):
+    result = app.run(config("trainer.epochs=5", *LIGHT), overrides=["trainer.epochs=5"])
+
+    assert result.status == "FINISHED"
+    assert result.tracking_uri == tracking_env.uri
+    runs = tracking_env.runs("backprop")
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == result.experiment_id
+    assert run.info.run_name == "moons-16x16-tanh-adam-lr0.01-s0"
+    assert run.data.tags["overrides"] == "trainer.epochs=5"
+    for key, value in result.metrics.items():
+        assert run.data.metrics[key] == pytest.approx(value, rel=1e-6), key
+    # The summary names the run and tells how to open the UI on this store.
+    out = capsys.readouterr().out
+    assert result.run_id in out
+    assert f"mlflow ui --backend-store-uri {tracking_env.uri}" in out
+
+
+def test_main_without_hydra_returns_the_objective(compose, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    objective = app.main(compose("tracking=none", "trainer.epochs=3"))
+    assert isinstance(objective, float) and np.isfinite(objective)
+
+
+# ------------------------------------------------------------------------ model sizing
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sizes", "output", "loss"),
+    [
+        ((), [2, 16, 16, 1], "sigmoid", "bce"),
+        (("dataset=quadrants",), [2, 16, 16, 4], "softmax", "cross_entropy"),
+        (("dataset=quadrants", "dataset.classes=2"), [2, 16, 16, 1], "sigmoid", "bce"),
+        (("dataset=blobs", "model.hidden_sizes=[8]"), [2, 8, 3], "softmax", "cross_entropy"),
+        (("dataset=spirals", "dataset.classes=3", "model.hidden_sizes=[4,5,6]"),
+         [2, 4, 5, 6, 3], "softmax", "cross_entropy"),
+        (("dataset=csv",), [2, 16, 16, 1], "sigmoid", "bce"),
+    ],
+    ids=["moons", "quadrants4", "quadrants2", "blobs", "spirals3", "csv"],
+)
+def test_build_model_sizes_the_head_for_the_classes(config, overrides, sizes, output, loss):
+    cfg = config(*overrides)
+    ds = _dataset(cfg)
+    model = build_model(cfg, ds)
+    assert model.sizes == sizes
+    assert model.get_config()["output"] == output
+    assert model.loss == loss
+    assert model.n_classes == ds.n_classes
+    assert model.predict_proba(ds.X_test).shape == (ds.n_test, ds.n_classes)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "output", "loss", "n_out"),
+    [
+        (("model.output=softmax",), "softmax", "cross_entropy", 2),
+        (("model.loss=cross_entropy",), "softmax", "cross_entropy", 2),
+        (("model.loss=mse",), "sigmoid", "mse", 1),
+        (("model.loss=hinge",), "identity", "hinge", 1),
+        (("model.output=tanh",), "tanh", "mse", 1),
+        (("model.output=identity", "dataset=blobs"), "identity", "mse", 3),
+        (("model.loss=bce",), "sigmoid", "bce", 1),
+    ],
+    ids=["softmax->ce", "ce->softmax", "mse->sigmoid", "hinge->identity", "tanh->mse",
+         "identity->mse-k", "bce->sigmoid"],
+)
+def test_auto_output_and_loss_resolve_and_train(config, overrides, output, loss, n_out):
+    cfg = config("tracking=none", "trainer.epochs=3", *overrides)
+    model = build_model(cfg, _dataset(cfg))
+    assert (model.get_config()["output"], model.loss, model.sizes[-1]) == (output, loss, n_out)
+    result = app.run(cfg, echo=False)
+    assert result.status == "FINISHED"
+    assert np.isfinite(result.metrics["train/loss"])
+
+
+# ------------------------------------------------------------------ raw-input export
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dataset", ["moons", "quadrants"])
+def test_with_input_scaling_takes_raw_inputs(config, bias, dataset):
+    cfg = config("tracking=none", "trainer.epochs=15", "trainer.dtype=float64",
+                 f"dataset={dataset}", f"model.bias={str(bias).lower()}")
+    result = app.run(cfg, echo=False)
+    ds, model = result.dataset, result.model
+    before = model.params.copy()
+    X_raw = np.vstack([ds.X_train_raw, ds.X_test_raw])
+    assert not np.allclose(ds.mean, 0.0)  # else the check below proves nothing
+
+    raw = model.with_input_scaling(ds.mean, ds.std)
+
+    np.testing.assert_allclose(raw.predict_proba(X_raw), model.predict_proba(ds.transform(X_raw)),
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(raw.predict(X_raw), model.predict(ds.transform(X_raw)))
+    assert raw.sizes == model.sizes and raw.bias  # the shift needs a bias
+    assert raw.get_config()["output"] == model.get_config()["output"]
+    np.testing.assert_array_equal(model.params, before)  # the trained model is untouched
+
+
+def test_with_input_scaling_in_float32_stays_close(config):
+    result = app.run(config("tracking=none", "trainer.epochs=15"), echo=False)
+    ds, model = result.dataset, result.model
+    assert model.dtype == np.float32
+    raw = model.with_input_scaling(ds.mean, ds.std)
+    X_raw = ds.X_test_raw
+    np.testing.assert_allclose(raw.predict_proba(X_raw), model.predict_proba(ds.transform(X_raw)),
+                               atol=1e-5)
+
+
+# ------------------------------------------------------------------ divergence, failures
+
+
+def test_divergence_without_tracking_raises_run_failed(config):
+    with pytest.raises(RunFailed, match=r"at epoch \d+") as info:
+        app.run(config("tracking=none", "trainer.epochs=50", *DIVERGING), echo=False)
+    cause = info.value.__cause__
+    assert isinstance(cause, DivergenceError)
+    assert 1 < cause.epoch < 50
+    assert "optimizer.lr" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_ends_the_run_failed_and_keeps_what_was_logged(config, tracking_env):
+    with pytest.raises(RunFailed, match=r"at epoch \d+") as info:
+        app.run(config("trainer.epochs=50", *DIVERGING), echo=False)
+    epoch = info.value.__cause__.epoch
+
+    runs = tracking_env.runs("backprop")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    reason = run.data.tags["failure_reason"]
+    assert f"at epoch {epoch}" in reason and "optimizer.lr" in reason
+    client = tracking_env.client()
+    # The epochs before the divergence are all there, one point each.
+    for key in ("train/loss", "test/loss", "train/accuracy", "lr", "grad_norm/layer_1"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, epoch)), key
+    arts = _artifacts(client, run.info.run_id)
+    assert {"plots/boundary_before.png", "plots/curves.png", "config.yaml", "summary.json",
+            "data/dataset.csv"} <= arts
+    local = client.download_artifacts(run.info.run_id, "summary.json", str(tracking_env.root))
+    summary = json.loads(Path(local).read_text())
+    assert summary["status"] == "FAILED"
+    assert summary["epochs_run"] == epoch - 1
+    # No model is logged for a diverged network.
+    assert not run.outputs.model_outputs
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "raised"),
+    [(RuntimeError("boom in epoch 3"), "FAILED", RunFailed),
+     (KeyboardInterrupt(), "KILLED", KeyboardInterrupt)],
+    ids=["exception", "ctrl-c"],
+)
+def test_error_during_training_is_recorded_then_raised(
+    config, tracking_env, monkeypatch, error, status, raised
+):
+    real_fit = app.fit
+
+    def fit_then_fail(*args, **kwargs):
+        kwargs["epochs"] = 3
+        real_fit(*args, **kwargs)
+        raise error
+
+    monkeypatch.setattr(app, "fit", fit_then_fail)
+    with pytest.raises(raised):
+        app.run(config("trainer.epochs=10", *LIGHT), echo=False)
+
+    (run,) = tracking_env.runs("backprop")
+    assert run.info.status == status
+    reason = run.data.tags["failure_reason"]
+    if status == "FAILED":
+        assert reason == "RuntimeError: boom in epoch 3"
+    else:
+        assert reason.startswith("interrupted")
+    steps = [m.step for m in tracking_env.client().get_metric_history(run.info.run_id,
+                                                                      "train/loss")]
+    assert steps == [1, 2, 3]
+
+
+def test_reason_of_a_failed_run_names_the_epoch(config):
+    """The message users see: '<what> at epoch N; try a smaller optimizer.lr'."""
+    with pytest.raises(RunFailed) as info:
+        app.run(config("tracking=none", "trainer.epochs=50", *DIVERGING), echo=False)
+    assert re.fullmatch(r"\w[\w ]* became \w+ at epoch \d+; try a smaller optimizer\.lr",
+                        str(info.value)), str(info.value)
