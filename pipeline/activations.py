@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -86,31 +87,47 @@ def _relu_backward(z: Array, a: Array, grad_a: Array) -> Array:
     return grad_a * (z > 0)
 
 
+# Parametrised activations are built from module-level functions bound with
+# functools.partial (not closures), so models using them can be pickled, which
+# scikit-learn's clone/joblib and multiprocessing need.
+
+
+def _leaky_relu_forward(z: Array, slope: float) -> Array:
+    return np.where(z > 0, z, z * z.dtype.type(slope))
+
+
+def _leaky_relu_backward(z: Array, a: Array, grad_a: Array, slope: float) -> Array:
+    return grad_a * np.where(z > 0, z.dtype.type(1), z.dtype.type(slope))
+
+
 def _leaky_relu(slope: float) -> Activation:
-    def forward(z: Array) -> Array:
-        return np.where(z > 0, z, z * slope).astype(z.dtype, copy=False)
+    return Activation(
+        "leaky_relu", partial(_leaky_relu_forward, slope=slope),
+        partial(_leaky_relu_backward, slope=slope), "relu", params={"slope": slope},
+    )
 
-    def backward(z: Array, a: Array, grad_a: Array) -> Array:
-        return grad_a * np.where(z > 0, 1.0, slope).astype(z.dtype, copy=False)
 
-    return Activation("leaky_relu", forward, backward, "relu", params={"slope": slope})
+def _elu_forward(z: Array, alpha: float) -> Array:
+    # expm1 of min(z, 0) keeps the unused branch of np.where from overflowing.
+    return np.where(z > 0, z, z.dtype.type(alpha) * np.expm1(np.minimum(z, 0)))
+
+
+def _elu_backward(z: Array, a: Array, grad_a: Array, alpha: float) -> Array:
+    # For z <= 0, d/dz alpha (e^z - 1) = alpha e^z = a + alpha.
+    return grad_a * np.where(z > 0, z.dtype.type(1), a + z.dtype.type(alpha))
 
 
 def _elu(alpha: float) -> Activation:
-    def forward(z: Array) -> Array:
-        # expm1 of min(z, 0) keeps the unused branch of np.where from overflowing.
-        return np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0))).astype(z.dtype, copy=False)
-
-    def backward(z: Array, a: Array, grad_a: Array) -> Array:
-        # For z <= 0, d/dz alpha (e^z - 1) = alpha e^z = a + alpha.
-        return grad_a * np.where(z > 0, 1.0, a + alpha).astype(z.dtype, copy=False)
-
-    return Activation("elu", forward, backward, "relu", params={"alpha": alpha})
+    return Activation(
+        "elu", partial(_elu_forward, alpha=alpha), partial(_elu_backward, alpha=alpha),
+        "relu", params={"alpha": alpha},
+    )
 
 
 # GELU in the tanh approximation (Hendrycks & Gimpel 2016; PyTorch approximate="tanh").
 # numpy has no erf, and the approximation is within 1e-3 of the exact form.
-_GELU_C = np.sqrt(2.0 / np.pi)
+# Python floats, not numpy scalars: a np.float64 constant would upcast float32 arrays.
+_GELU_C = float(np.sqrt(2.0 / np.pi))
 _GELU_K = 0.044715
 
 
@@ -197,6 +214,8 @@ def get_activation(name: str, *, hidden: bool = False, **params: float) -> Activ
     if not own:
         return ACTIVATIONS[name]
     for key, value in own.items():
-        if not np.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or (
+            not np.isfinite(value)
+        ):
             raise ValueError(f"{name} {key}={value!r}: must be a finite number")
     return _FACTORIES[name](**{k: float(v) for k, v in own.items()})

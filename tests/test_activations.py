@@ -186,8 +186,6 @@ def test_float32_in_float32_out(name):
     z = np.linspace(-3.0, 3.0, 12, dtype=np.float32).reshape(3, 4)
     act = ACTIVATIONS[name]
     a = act.forward(z)
-    if name == "gelu" and a.dtype != np.float32:
-        pytest.xfail("engine bug: gelu upcasts float32 to float64 (np.float64 constants)")
     assert a.dtype == np.float32
     assert act.backward(z, a, np.ones_like(z)).dtype == np.float32
 
@@ -268,12 +266,5 @@ def test_lookup_by_name_returns_the_registered_entry(name):
 
 @pytest.mark.parametrize("value", ["0.1", None, [0.1]])
 def test_non_numeric_parameters_are_refused_with_value_error(value):
-    try:
+    with pytest.raises(ValueError, match="slope"):
         get_activation("leaky_relu", slope=value)
-    except ValueError as err:
-        assert "slope" in str(err)
-    except TypeError:
-        # Reported: np.isfinite on a non-number raises TypeError before the check.
-        pytest.xfail("engine bug: non-numeric activation params raise TypeError")
-    else:
-        pytest.fail(f"slope={value!r} was accepted")
