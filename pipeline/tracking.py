@@ -74,7 +74,7 @@ _PARENT_TAG = "mlflow.parentRunId"
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
 
@@ -317,9 +317,13 @@ def prepare_experiment(
     root = _as_uri(artifact_root) if artifact_root is not None else default_artifact_root(uri)
     location = f"{root.rstrip('/')}/{_slug(name)}" if root else None
     try:
-        with _store_lock(uri):
+        with _store_lock(uri):  # only one process creates (migrates) a fresh store
             _create_sqlite_store(uri, root)
-            client = MlflowClient(uri)
+        client = MlflowClient(uri)
+        # Opening the store verifies its schema (a second or two): done outside the lock so
+        # that many jobs starting at once do it in parallel, not one after another.
+        client.get_experiment_by_name(name)
+        with _store_lock(uri):
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 try:
@@ -692,6 +696,17 @@ class RunTracker:
             logger.warning("%s", self.spool_message)
             return self.spool_dir
         return None
+
+    def detach(self) -> Path | None:
+        """Send what is pending and let go of the run without changing its status (for a
+        tracker from :meth:`attach` that only added tags or artifacts to a finished run).
+        Returns None, or the spool directory holding what could not be sent."""
+        self._require_run()
+        if self.active:
+            self.flush(force=True)
+            self.active = False
+            atexit.unregister(self._at_exit)
+        return self.spool_dir if (self._metrics or self._ops) else None
 
     def __enter__(self) -> RunTracker:
         return self
@@ -1173,6 +1188,48 @@ def _example_frame(example: Any, feature_names: Sequence[str] | None) -> pd.Data
     return pd.DataFrame(X, columns=names)
 
 
+# ------------------------------------------------------------ reading runs back (reports)
+
+
+def find_experiment_id(uri: str, name: str) -> str | None:
+    """The id of the experiment called ``name`` in ``uri``, or None if there is none."""
+    experiment = MlflowClient(uri).get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
+
+
+def search_runs(
+    uri: str,
+    experiment_ids: Sequence[str],
+    filter_string: str = "",
+    order_by: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """``mlflow.search_runs`` against ``uri``: one row per run (all pages), as a DataFrame.
+
+    Columns as MLflow names them: ``run_id``, ``status``, ``start_time``, ``metrics.<key>``
+    (latest value of each metric), ``params.<key>``, ``tags.<key>``. Empty frame if no run
+    matches.
+    """
+    with _global_tracking_uri(uri), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlflow.search_runs(
+            experiment_ids=[str(e) for e in experiment_ids],
+            filter_string=filter_string,
+            order_by=list(order_by) if order_by else None,
+            output_format="pandas",
+        )
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLike) -> Path:
+    """Download one artifact of a run (``runs:/<id>/<path>``, so the files of the run's
+    logged model such as ``model/artifacts/weights.npz`` resolve too) into ``dst_dir``."""
+    # The global URI too: MLflow resolves a logged model's files through it.
+    with _global_tracking_uri(uri), _quiet_mlflow():
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{run_id}/{path}", dst_path=os.fspath(dst_dir), tracking_uri=uri
+        )
+    return Path(local)
+
+
 # ---------------------------------------------------------------------------- upload
 
 
@@ -1262,7 +1319,8 @@ if __name__ == "__main__":
 
 __all__ = [
     "HTTP_ENV_DEFAULTS", "MLPPyfuncModel", "PhaseTimer", "RunTracker", "TrackingUnavailable",
-    "check_reachable", "default_artifact_root", "flatten_config", "limit_http_retries",
+    "check_reachable", "default_artifact_root", "download_artifact", "find_experiment_id",
+    "flatten_config", "limit_http_retries", "search_runs",
     "local_tracking_uri", "prepare_experiment", "project_root", "resolve_tracking_uri",
     "run_url", "ui_command", "upload_spool",
 ]
