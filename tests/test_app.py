@@ -178,9 +178,29 @@ def test_with_input_scaling_in_float32_stays_close(config):
                                atol=1e-5)
 
 
+@pytest.mark.slow
+def test_exported_model_of_a_k_class_run_takes_raw_inputs(config, tracking_env):
+    """The logged pyfunc model of a 4-class run: raw x1, x2 in, 4 probability columns out."""
+    import mlflow
+    import pandas as pd
+
+    result = app.run(config("dataset=quadrants", "trainer.epochs=10",
+                            "tracking.animation=false"), echo=False)
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    ds = result.dataset
+    raw = pd.DataFrame(ds.X_test_raw, columns=list(ds.feature_names))
+    proba = model.predict(raw)
+    assert list(proba.columns) == ["proba_0", "proba_1", "proba_2", "proba_3"]
+    expected = result.model.predict_proba(ds.transform(ds.X_test_raw))
+    np.testing.assert_allclose(proba.to_numpy(), expected, atol=1e-5)
+    # Columns by name, in any order, give the same answer.
+    np.testing.assert_allclose(model.predict(raw[["x2", "x1"]]).to_numpy(), proba.to_numpy())
+
+
 # ------------------------------------------------------------------ divergence, failures
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_without_tracking_raises_run_failed(config):
     with pytest.raises(RunFailed, match=r"at epoch \d+") as info:
         app.run(config("tracking=none", "trainer.epochs=50", *DIVERGING), echo=False)
@@ -250,6 +270,7 @@ def test_error_during_training_is_recorded_then_raised(
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_reason_of_a_failed_run_names_the_epoch(config):
     """The message users see: '<what> at epoch N; try a smaller optimizer.lr'."""
     with pytest.raises(RunFailed) as info:

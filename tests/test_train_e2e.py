@@ -125,6 +125,8 @@ def test_default_run_is_one_finished_run_and_says_how_to_view_it(default_run):
     assert default_run.run_id in out
     assert f"mlflow ui --backend-store-uri {default_run.uri}" in out
     assert "FINISHED" in out and "test accuracy" in out
+    # Not a terminal: no progress bar in either stream.
+    assert "epoch/s" not in default_run.proc.stderr + out and "\r" not in out
     # Nothing lands in the working directory; Hydra's outputs go where we pointed them.
     assert list((default_run.work / "cwd").iterdir()) == []
     outputs = default_run.work / "outputs"
@@ -249,8 +251,8 @@ def test_pyfunc_model_reproduces_in_process_predictions(default_run, in_process,
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", default_run.uri)
     model = mlflow.pyfunc.load_model(f"runs:/{default_run.run_id}/model")
-    schema = model.metadata.get_input_schema()
-    assert schema.input_names() == ["x1", "x2"]
+    assert model.metadata.get_input_schema().input_names() == ["x1", "x2"]
+    assert model.metadata.get_output_schema().input_names() == ["proba_0", "proba_1"]
 
     local = default_run.client.download_artifacts(default_run.run_id, "data/dataset.csv",
                                                   str(tmp_path))
@@ -338,13 +340,15 @@ def test_overrides_of_several_groups_in_one_real_run(run_train, tracking_env):
         "dataset=csv", "model.hidden_sizes=[8]", "model.activation=relu",
         "optimizer=sgd", "optimizer.lr=0.5", "trainer.batch_size=32", "trainer.epochs=12",
         "tracking.log_model=false", "tracking.animation=false",
+        "tracking.experiment=other", "tracking.run_name=my-run",
     ]
     proc = run_train(*overrides, env=tracking_env.env)
     _check(proc)
     client = tracking_env.client()
-    run = _one_run(client)
+    assert client.get_experiment_by_name("backprop") is None
+    run = _one_run(client, "other")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "csv-8-relu-sgd-lr0.5-s0"
+    assert run.info.run_name == "my-run"
     assert run.data.tags["overrides"] == " ".join(overrides)
     assert run.data.tags["dataset"] == "csv"
     p = run.data.params
@@ -375,6 +379,48 @@ def test_tracking_none_creates_no_store(run_train, tmp_path):
     found = [p for p in tmp_path.rglob("*") if p.name in ("mlflow.db", "mlruns")]
     assert found == []
     assert "MLflow run" not in proc.stdout and "FINISHED" in proc.stdout
+
+
+DIVERGING = (
+    "optimizer=sgd", "optimizer.lr=10", "model.activation=relu", "model.output=identity",
+    "model.loss=mse", "trainer.epochs=50", "tracking.log_model=false",
+    "tracking.animation=false",
+)
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory, new_store, make_train_runner):
+    """``python train.py`` with a learning rate that blows the loss up after a few epochs."""
+    from mlflow import MlflowClient
+
+    work = tmp_path_factory.mktemp("e2e-diverged")
+    uri = new_store(work / "store")
+    proc = make_train_runner(work)(*DIVERGING, env={"MLFLOW_TRACKING_URI": uri})
+    return SimpleNamespace(proc=proc, client=MlflowClient(uri))
+
+
+@pytest.mark.slow
+def test_divergence_through_train_py_fails_the_run_and_says_when(diverged):
+    proc = diverged.proc
+    assert proc.returncode != 0
+    match = re.search(r"loss became \w+ at epoch (\d+); try a smaller optimizer\.lr",
+                      proc.stdout + proc.stderr)
+    assert match, proc.stdout + proc.stderr[-2000:]
+    epoch = int(match.group(1))
+    run = _one_run(diverged.client)
+    assert run.info.status == "FAILED"
+    assert f"at epoch {epoch}" in run.data.tags["failure_reason"]
+    steps = [m.step for m in diverged.client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, epoch))
+    assert "plots/curves.png" in _artifacts(diverged.client, run.info.run_id)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="train.py prints RunFailed with a full traceback (issue 6: "
+                   "end cleanly, one clear line); cli() should catch RunFailed")
+def test_divergence_through_train_py_prints_no_traceback(diverged):
+    assert diverged.proc.returncode == 1
+    assert "Traceback" not in diverged.proc.stderr, diverged.proc.stderr[-2000:]
 
 
 # --------------------------------------------------- override matrix, in-process (fast)
