@@ -362,6 +362,22 @@ def test_pyfunc_model_round_trip(tracker, exp_id, uri, n_out, class_names):
     assert (local / "input_example.json").is_file()
 
 
+def test_attach_then_detach_keeps_the_status(tracker, exp_id, uri, tmp_path):
+    run_id = tracker.start(exp_id, "parent")
+    tracker.end("FINISHED")
+    later = RunTracker.attach(uri, run_id, spool_root=tmp_path / "spool")
+    later.set_tags({"best_child": "abc"})
+    later.log_text("a,b\n", "report/summary.csv")
+    later.log_metrics({"best/test_accuracy": 0.9})
+    assert later.detach() is None and not later.active
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["best_child"] == "abc"
+    assert run.data.metrics["best/test_accuracy"] == 0.9
+    assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "report")] == [
+        "report/summary.csv"
+    ]
+
+
 def test_reading_runs_back_for_reports(tracker, exp_id, uri, tmp_path):
     model = _model()
     run_id = tracker.start(exp_id, "report me", {"optimizer": {"lr": 0.1}})
