@@ -38,6 +38,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from pipeline.paths import project_root
+
 __all__ = [
     "CONF_DIR",
     "Config",
@@ -69,23 +71,6 @@ MAX_SEED = 2**32 - 1
 # ======================================================================================
 # Paths
 # ======================================================================================
-def project_root() -> Path:
-    """The repository root: the directory holding ``pyproject.toml`` above this package.
-
-    Found from this file, not the working directory, so outputs and the MLflow store do
-    not move when the command is started elsewhere. Falls back to the working directory
-    (and its parents) for a non-editable install.
-    """
-    here = Path(__file__).resolve().parent.parent
-    if (here / "pyproject.toml").is_file():
-        return here
-    cwd = Path.cwd().resolve()
-    for candidate in (cwd, *cwd.parents):
-        if (candidate / "pyproject.toml").is_file():
-            return candidate
-    return cwd
-
-
 #: Directory of the YAML configs (``conf/config.yaml`` is the primary one).
 CONF_DIR = project_root() / "conf"
 

@@ -34,6 +34,8 @@ from sklearn.datasets import make_blobs, make_circles, make_moons
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from pipeline.paths import project_root
+
 __all__ = [
     "DATASETS",
     "Dataset",
@@ -79,28 +81,6 @@ class RawData(NamedTuple):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def project_root() -> Path:
-    """Return the project root: the directory that holds ``pyproject.toml``.
-
-    Found from this file's location, not the working directory, because Hydra may
-    change the working directory. Falls back to searching upwards from the working
-    directory (a non-editable install), then to the working directory itself.
-
-    Returns
-    -------
-    pathlib.Path
-        Absolute path of the project root.
-    """
-    package_parent = Path(__file__).resolve().parent.parent
-    if (package_parent / "pyproject.toml").is_file():
-        return package_parent
-    cwd = Path.cwd().resolve()
-    for candidate in (cwd, *cwd.parents):
-        if (candidate / "pyproject.toml").is_file():
-            return candidate
-    return cwd
 
 
 def resolve_path(path: str | Path) -> Path:

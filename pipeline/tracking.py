@@ -61,6 +61,7 @@ from mlflow.utils.validation import (
 )
 
 from pipeline import io as model_io
+from pipeline.paths import project_root
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +84,6 @@ class TrackingUnavailable(RuntimeError):
 
 
 # ------------------------------------------------------------------------ where stores live
-
-
-def project_root() -> Path:
-    """The repository root: the directory holding ``pyproject.toml`` above ``pipeline/``.
-
-    Falls back to the nearest ``pyproject.toml`` above the working directory (a
-    non-editable install), then to the working directory itself.
-    """
-    here = Path(__file__).resolve().parent.parent
-    if (here / "pyproject.toml").is_file():
-        return here
-    cwd = Path.cwd().resolve()
-    for candidate in (cwd, *cwd.parents):
-        if (candidate / "pyproject.toml").is_file():
-            return candidate
-    return cwd
 
 
 def local_tracking_uri(root: str | os.PathLike | None = None) -> str:
