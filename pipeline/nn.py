@@ -120,6 +120,10 @@ class MLP:
         if loss is not None:
             get_loss(loss).check_output(output, self.sizes[-1])
         self.loss = loss
+        if not isinstance(bias, (bool, np.bool_)):
+            raise ValueError(f"bias={bias!r}: must be True or False")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r}: must be an integer >= 0")
         self.bias = bool(bias)
         self.init = init
         self.seed = int(seed)
@@ -171,6 +175,9 @@ class MLP:
         weights = [np.asarray(W) for W in weights]
         if not weights:
             raise ValueError("weights: need at least one layer")
+        for i, W in enumerate(weights, start=1):
+            if W.dtype.kind not in "biuf" or not np.all(np.isfinite(W)):
+                raise ValueError(f"layer {i}: weights must be finite numbers")
         for i, W in enumerate(weights, start=1):
             if W.ndim != 2:
                 raise ValueError(f"layer {i}: weight must be 2-D (fan_in, fan_out); got {W.shape}")

@@ -211,6 +211,8 @@ def fit(
 
     X = model.check_input(X)
     n = X.shape[0]
+    if n == 0:
+        raise ValueError("X has 0 samples: training needs at least one")
     T = model.encode_targets(y, n)
     labels = true_labels(y, T)
     batch = n if batch_size is None else _positive_int("batch_size", batch_size)
@@ -294,7 +296,7 @@ def fit(
             history.stopped_early = True
             break
 
-    if best_params is not None and history.stopped_early:
+    if best_params is not None:
         model.set_params(best_params)
     return history
 

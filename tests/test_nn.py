@@ -312,3 +312,17 @@ def test_repr(model):
     text = repr(model)
     assert "sizes=[3, 5, 4, 2]" in text and "tanh,relu" in text and "softmax" in text
     assert f"params={model.n_params}" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"seed": "a"}, "seed"), ({"seed": -1}, "seed"), ({"bias": "no"}, "bias")],
+)
+def test_bad_seed_and_bias_are_named(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        MLP([2, 3, 1], **kwargs)
+
+
+def test_from_arrays_refuses_non_finite_weights():
+    with pytest.raises(ValueError, match="layer 2"):
+        MLP.from_arrays([np.ones((2, 3)), np.full((3, 1), np.nan)], activation="tanh")
