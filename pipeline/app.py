@@ -156,6 +156,8 @@ def run(
     overrides: Sequence[str] = (),
     output_dir: str | os.PathLike | None = None,
     parent_run_id: str | None = None,
+    experiment_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
     parallel: bool = False,
     echo: bool = True,
 ) -> RunResult:
@@ -172,6 +174,11 @@ def run(
         Hydra's output directory for this job (spooled data goes there if the store fails).
     parent_run_id : str, optional
         Nest the run under this MLflow run (a sweep's parent).
+    experiment_id : str, optional
+        Log into this experiment (a sweep's, created once before its jobs start) instead of
+        looking ``tracking.experiment`` up by name.
+    tags : mapping, optional
+        Extra run tags (a sweep's job number).
     parallel : bool
         True inside a parallel sweep: no progress bar, one BLAS thread.
     echo : bool
@@ -197,7 +204,8 @@ def run(
     if trk["kind"] != "none":
         with timer("logging"):
             tracker, tracking_uri = _start_tracking(
-                config, name, dataset, overrides, output_dir, parent_run_id
+                config, name, dataset, overrides, output_dir, parent_run_id,
+                experiment_id, tags,
             )
 
     history = History()
@@ -269,18 +277,19 @@ def run(
 # --------------------------------------------------------------------------- helpers
 
 
-def _start_tracking(config, name, dataset, overrides, output_dir, parent_run_id):
+def _start_tracking(config, name, dataset, overrides, output_dir, parent_run_id,
+                    experiment_id=None, extra_tags=None):
     from pipeline import tracking
 
     trk = config["tracking"]
     uri = tracking.resolve_tracking_uri(trk["kind"], trk.get("uri"))
     tracking.check_reachable(uri)
-    experiment_id = os.environ.get("BACKPROP_EXPERIMENT_ID") or tracking.prepare_experiment(
-        uri, trk["experiment"]
-    )
+    experiment_id = (experiment_id or os.environ.get("BACKPROP_EXPERIMENT_ID")
+                     or tracking.prepare_experiment(uri, trk["experiment"]))
     spool = Path(output_dir) / "spool" if output_dir else None
     tracker = tracking.RunTracker(uri, spool_root=spool)
-    tags = {"dataset": dataset.name, "overrides": " ".join(overrides) or "(defaults)"}
+    tags = {"dataset": dataset.name, "overrides": " ".join(overrides) or "(defaults)",
+            **(extra_tags or {})}
     commit = git_commit(project_root())
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -414,24 +423,50 @@ def _print_summary(result: RunResult, name: str) -> None:
 
 
 def main(cfg: Any) -> float | None:
-    """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out."""
+    """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out.
+
+    In a tracked sweep (the callback :class:`pipeline.sweep.MlflowSweepCallback` started a
+    parent run before any job) the job's run is nested under that parent, in the parent's
+    experiment and store, and tagged with Hydra's job number. The context reaches the job
+    through the callback, which every launcher hands to its workers (threads, processes,
+    submitit jobs, Ray tasks), so no environment variable has to cross machines.
+    """
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
+
+    from pipeline.sweep import current_context
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     overrides: list[str] = []
     output_dir = None
     parallel = False
+    multirun = False
+    job_num = None
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
         output_dir = hc.runtime.output_dir
+        multirun = hc.mode.name == "MULTIRUN"
         launcher = str(hc.launcher.get("_target_", ""))
-        parallel = "basic" not in launcher.lower() and hc.mode.name == "MULTIRUN"
-    parent = os.environ.get("BACKPROP_PARENT_RUN_ID")
-    result = run(plain, overrides=overrides, output_dir=output_dir, parent_run_id=parent,
-                 parallel=parallel)
+        parallel = multirun and "basic" not in launcher.lower()
+        job_num = hc.job.get("num")
+    sweep = current_context() if multirun else None
+    kwargs: dict[str, Any] = {}
+    if sweep is not None and plain["tracking"]["kind"] != "none":
+        # The store the parent was created in, whatever this worker's environment says.
+        if plain["tracking"]["kind"] == "local" or sweep.tracking_uri.startswith("http"):
+            plain["tracking"]["uri"] = sweep.tracking_uri
+        kwargs = {"parent_run_id": sweep.parent_run_id, "experiment_id": sweep.experiment_id,
+                  "tags": {"sweep.job": str(job_num), "sweep.name": sweep.name}}
+    try:
+        result = run(plain, overrides=overrides, output_dir=output_dir, parallel=parallel,
+                     **kwargs)
+    except SystemExit as exc:
+        if not multirun:
+            raise
+        # Hydra lets SystemExit through and ends the whole sweep: make it this job's error.
+        raise RuntimeError(f"the job called sys.exit({exc.code!r})") from exc
     if output_dir:
         (Path(output_dir) / "result.json").write_text(json.dumps(
             {"status": result.status, "run_id": result.run_id, "metrics": result.metrics},
