@@ -522,7 +522,9 @@ def _first_seen(values: pd.Series) -> list[Any]:
 
 
 def _panel_text(row: pd.Series, keys: Sequence[str]) -> str:
-    parts = [f"#{row['job']}"] + [f"{k.rsplit('.', 1)[-1]}={_fmt(row[k])}" for k in keys]
+    parts = [f"#{row['job']}"] + [
+        f"{k.rsplit('.', 1)[-1]} {row[k]:.3g}" if isinstance(row[k], float) else _fmt(row[k])
+        for k in keys]
     lines = [" ".join(parts)] if keys else []
     acc = row.get("test/accuracy")
     if acc is not None and np.isfinite(acc):

@@ -258,7 +258,7 @@ def _sweep_values(key: str, spec: str) -> list[str]:
 
 @pytest.mark.parametrize("name", ["width_x_lr", "depth_x_activation"])
 def test_sweep_presets_hold_sweeper_params(name):
-    assert options("sweep") == ["depth_x_activation", "width_x_lr"]
+    assert options("sweep") == ["depth_x_activation", "optuna", "width_x_lr"]
     cfg = load_config([f"+sweep={name}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert len(params) == 2
