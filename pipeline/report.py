@@ -477,9 +477,8 @@ def boundary_figure(
                              for _, r in frame.iterrows()]
             row_key, row_label = "_row", " | ".join(keys[:-1])
         col_label = col_key
+    # Same order as the heatmaps: numbers sorted, other values as the sweep listed them.
     rows, cols = _ordered(frame[row_key]), _ordered(frame[col_key])
-    if sweeper == "basic" and keys:
-        rows, cols = _first_seen(frame[row_key]), _first_seen(frame[col_key])
     panels, missing = [], []
     taken: set[tuple] = set()
     for _, r in frame.iterrows():
@@ -512,13 +511,6 @@ def boundary_figure(
         for text in axes[i * len(cols) + j].texts:
             text.set_text("no model logged")
     return fig, notes
-
-
-def _first_seen(values: pd.Series) -> list[Any]:
-    seen: dict[Any, Any] = {}
-    for v in values:
-        seen.setdefault(_norm(v), v)
-    return list(seen.values())
 
 
 def _panel_text(row: pd.Series, keys: Sequence[str]) -> str:
