@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,10 @@ class SweepReport:
         cols = ["job", *self.params, *[m for m in METRICS[:2] if m in self.table],
                 "status", "failure_reason", "best"]
         view = self.table[[c for c in cols if c in self.table]].copy()
+        failed = view["status"] != OK_STATUS
+        for m in METRICS[:2]:  # a diverged job's last values mean nothing
+            if m in view:
+                view[m] = view[m].astype(object).where(~failed, "-")
         view["failure_reason"] = view["failure_reason"].fillna("").map(
             lambda s: s if len(s) <= max_reason else s[: max_reason - 3] + "...")
         view["best"] = view["best"].map({True: "*", False: ""})
@@ -488,10 +493,9 @@ def boundary_figure(
         taken.add(cell)
         text = _panel_text(r, keys if sweeper != "basic" else [])
         if r["status"] != OK_STATUS:
-            reason = r["failure_reason"] or r["status"]
+            reason = textwrap.shorten(r["failure_reason"] or r["status"], 90, placeholder="...")
             panels.append(plots.SweepPanel(r[row_key], r[col_key], None,
-                                           reason if len(reason) < 70 else reason[:67] + "...",
-                                           True))
+                                           textwrap.fill(reason, 30), True))
         elif r["run_id"] in probas:
             panels.append(plots.SweepPanel(r[row_key], r[col_key], probas[r["run_id"]], text))
         else:
