@@ -5,6 +5,12 @@ together, so the derivative cannot drift away from the function. ``backward`` re
 both the pre-activation ``z`` and the output ``a`` because for several functions the
 derivative is cheaper in terms of the output (sigmoid: ``a (1 - a)``, tanh: ``1 - a**2``).
 Every function here is written to stay finite and warning-free for ``|z|`` up to 1e4.
+
+The training hot path (:meth:`pipeline.nn.MLP._value_and_grad`) calls the in-place twins
+``forward_into(z, out)`` and ``backward_into(z, a, g, scratch)``, which write into
+preallocated buffers instead of allocating a new array per call;
+:meth:`Activation.forward_to` / :meth:`Activation.backward_to` fall back to the allocating
+pair for an activation that has no in-place twin (a user-built one, gelu, softplus).
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class Activation:
         True for functions that only make sense on the output layer (softmax).
     params : dict
         Parameters the function was built with (e.g. the leaky slope), for logging.
+    forward_into : callable or None
+        ``forward_into(z, out)``: writes ``f(z)`` into ``out`` (same shape, not ``z``)
+        without allocating a result; None where only ``forward`` exists.
+    backward_into : callable or None
+        ``backward_into(z, a, g, scratch)``: multiplies ``g`` in place by ``f'(z)`` (``g``
+        holds ``dL/da`` on entry and ``dL/dz`` on exit); ``scratch`` is a spare array of
+        the same shape it may overwrite. None where only ``backward`` exists.
     """
 
     name: str
@@ -46,9 +59,25 @@ class Activation:
     family: str | None = None
     output_only: bool = False
     params: dict = field(default_factory=dict)
+    forward_into: Callable[[Array, Array], None] | None = None
+    backward_into: Callable[[Array, Array, Array, Array], None] | None = None
 
     def __call__(self, z: Array) -> Array:
         return self.forward(z)
+
+    def forward_to(self, z: Array, out: Array) -> None:
+        """Write ``f(z)`` into ``out``, in place where the activation allows it."""
+        if self.forward_into is not None:
+            self.forward_into(z, out)
+        else:
+            np.copyto(out, self.forward(z))
+
+    def backward_to(self, z: Array, a: Array, g: Array, scratch: Array) -> None:
+        """Turn ``g = dL/da`` into ``dL/dz`` in place (``scratch`` may be overwritten)."""
+        if self.backward_into is not None:
+            self.backward_into(z, a, g, scratch)
+        else:
+            np.copyto(g, self.backward(z, a, g))
 
 
 # ----------------------------------------------------------------------------- functions
@@ -100,10 +129,25 @@ def _leaky_relu_backward(z: Array, a: Array, grad_a: Array, slope: float) -> Arr
     return grad_a * np.where(z > 0, z.dtype.type(1), z.dtype.type(slope))
 
 
+def _leaky_relu_into(z: Array, out: Array, slope: float) -> None:
+    np.multiply(z, slope, out=out)
+    np.copyto(out, z, where=z > 0)
+
+
+def _leaky_relu_backward_into(z: Array, a: Array, g: Array, scratch: Array, slope: float) -> None:
+    # f'(z) = slope + (1 - slope) * (z > 0), built in the scratch without temporaries.
+    np.greater(z, 0.0, out=scratch)
+    np.multiply(scratch, 1.0 - slope, out=scratch)
+    np.add(scratch, slope, out=scratch)
+    np.multiply(g, scratch, out=g)
+
+
 def _leaky_relu(slope: float) -> Activation:
     return Activation(
         "leaky_relu", partial(_leaky_relu_forward, slope=slope),
         partial(_leaky_relu_backward, slope=slope), "relu", params={"slope": slope},
+        forward_into=partial(_leaky_relu_into, slope=slope),
+        backward_into=partial(_leaky_relu_backward_into, slope=slope),
     )
 
 
@@ -117,10 +161,25 @@ def _elu_backward(z: Array, a: Array, grad_a: Array, alpha: float) -> Array:
     return grad_a * np.where(z > 0, z.dtype.type(1), a + z.dtype.type(alpha))
 
 
+def _elu_into(z: Array, out: Array, alpha: float) -> None:
+    np.minimum(z, 0.0, out=out)
+    np.expm1(out, out=out)
+    np.multiply(out, alpha, out=out)
+    np.copyto(out, z, where=z > 0)
+
+
+def _elu_backward_into(z: Array, a: Array, g: Array, scratch: Array, alpha: float) -> None:
+    np.add(a, alpha, out=scratch)
+    np.copyto(scratch, 1.0, where=z > 0)
+    np.multiply(g, scratch, out=g)
+
+
 def _elu(alpha: float) -> Activation:
     return Activation(
         "elu", partial(_elu_forward, alpha=alpha), partial(_elu_backward, alpha=alpha),
         "relu", params={"alpha": alpha},
+        forward_into=partial(_elu_into, alpha=alpha),
+        backward_into=partial(_elu_backward_into, alpha=alpha),
     )
 
 
@@ -160,18 +219,89 @@ def _softmax_backward(z: Array, a: Array, grad_a: Array) -> Array:
     return a * (grad_a - np.sum(grad_a * a, axis=1, keepdims=True))
 
 
+# -------------------------------------------------------------------- in-place twins
+# Each writes into a preallocated buffer: on small batches the time of a step is mostly
+# the number of numpy calls, on large ones the number of passes over memory, so both
+# are kept to the minimum and nothing is allocated.
+
+
+def _identity_into(z: Array, out: Array) -> None:
+    np.copyto(out, z)
+
+
+def _identity_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
+    return None
+
+
+def _sigmoid_into(z: Array, out: Array) -> None:
+    # s(z) = (1 + tanh(z / 2)) / 2: the same function as sigmoid() to a few ulp, finite for
+    # every z (tanh saturates, exp would overflow) and four vectorised passes where the
+    # branch-free exp form needs seven.
+    np.multiply(z, 0.5, out=out)
+    np.tanh(out, out=out)
+    np.multiply(out, 0.5, out=out)
+    np.add(out, 0.5, out=out)
+
+
+def _sigmoid_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
+    np.subtract(1.0, a, out=scratch)
+    np.multiply(scratch, a, out=scratch)
+    np.multiply(g, scratch, out=g)
+
+
+def _tanh_into(z: Array, out: Array) -> None:
+    np.tanh(z, out=out)
+
+
+def _tanh_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
+    np.multiply(a, a, out=scratch)
+    np.subtract(1.0, scratch, out=scratch)
+    np.multiply(g, scratch, out=g)
+
+
+def _relu_into(z: Array, out: Array) -> None:
+    np.maximum(z, 0.0, out=out)
+
+
+def _relu_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
+    # (z > 0) as 0.0/1.0 in the scratch, then one multiply: the same numbers as
+    # grad_a * (z > 0) without the boolean temporary.
+    np.greater(z, 0.0, out=scratch)
+    np.multiply(g, scratch, out=g)
+
+
+def _softmax_into(z: Array, out: Array) -> None:
+    np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    np.divide(out, out.sum(axis=1, keepdims=True), out=out)
+
+
 # ------------------------------------------------------------------------------ registry
 
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation("identity", _identity, _identity_backward),
-    "sigmoid": Activation("sigmoid", sigmoid, _sigmoid_backward, "saturating"),
-    "tanh": Activation("tanh", np.tanh, _tanh_backward, "saturating"),
-    "relu": Activation("relu", _relu, _relu_backward, "relu"),
+    "identity": Activation(
+        "identity", _identity, _identity_backward,
+        forward_into=_identity_into, backward_into=_identity_backward_into,
+    ),
+    "sigmoid": Activation(
+        "sigmoid", sigmoid, _sigmoid_backward, "saturating",
+        forward_into=_sigmoid_into, backward_into=_sigmoid_backward_into,
+    ),
+    "tanh": Activation(
+        "tanh", np.tanh, _tanh_backward, "saturating",
+        forward_into=_tanh_into, backward_into=_tanh_backward_into,
+    ),
+    "relu": Activation(
+        "relu", _relu, _relu_backward, "relu",
+        forward_into=_relu_into, backward_into=_relu_backward_into,
+    ),
     "leaky_relu": _leaky_relu(0.01),
     "elu": _elu(1.0),
     "gelu": Activation("gelu", _gelu, _gelu_backward),
     "softplus": Activation("softplus", _softplus, _softplus_backward),
-    "softmax": Activation("softmax", softmax, _softmax_backward, output_only=True),
+    "softmax": Activation(
+        "softmax", softmax, _softmax_backward, output_only=True, forward_into=_softmax_into
+    ),
 }
 
 # Activations that take parameters are rebuilt by these factories when params are given.

@@ -49,6 +49,9 @@ class Loss:
         Output activations for which ``dL/dz == fused_delta(z, a, T)``.
     fused_delta : callable or None
         The collapsed gradient for the pairs in ``fused``.
+    fused_delta_into : callable or None
+        ``fused_delta_into(z, a, T, out)``: the same collapsed gradient written into a
+        preallocated ``out`` (the training hot path; see :meth:`delta_into`).
     """
 
     name: str
@@ -59,12 +62,20 @@ class Loss:
     max_units: int | None = None
     fused: tuple[str, ...] = ()
     fused_delta: Callable[[Array, Array, Array], Array] | None = None
+    fused_delta_into: Callable[[Array, Array, Array, Array], None] | None = None
 
     def delta(self, z: Array, a: Array, T: Array, output: Activation) -> Array:
         """Gradient of the mean loss with respect to the output pre-activation ``z``."""
         if output.name in self.fused and self.fused_delta is not None:
             return self.fused_delta(z, a, T)
         return output.backward(z, a, self.grad_output(z, a, T))
+
+    def delta_into(self, z: Array, a: Array, T: Array, output: Activation, out: Array) -> None:
+        """:meth:`delta` written into the preallocated ``out`` (same shape as ``z``)."""
+        if output.name in self.fused and self.fused_delta_into is not None:
+            self.fused_delta_into(z, a, T, out)
+        else:
+            np.copyto(out, self.delta(z, a, T, output))
 
     def check_output(self, output: str, n_units: int) -> None:
         """Raise ValueError if this loss is not defined on ``n_units`` of ``output``."""
@@ -127,6 +138,12 @@ def _residual_over_n(z: Array, a: Array, T: Array) -> Array:
     return (a - T) / a.shape[0]
 
 
+def _residual_over_n_into(z: Array, a: Array, T: Array, out: Array) -> None:
+    # Division, not multiplication by 1/n, so the numbers equal _residual_over_n's.
+    np.subtract(a, T, out=out)
+    np.divide(out, a.shape[0], out=out)
+
+
 # -------------------------------------------------------------- softmax cross-entropy
 
 
@@ -140,6 +157,12 @@ def _ce_delta(z: Array, a: Array, T: Array) -> Array:
     # d/dz of -sum_j t_j log softmax_j(z) is a * sum_j t_j - t; for one-hot (or any
     # probability-vector) targets the row sums are 1 and this is the familiar a - t.
     return (a * T.sum(axis=1, keepdims=True) - T) / a.shape[0]
+
+
+def _ce_delta_into(z: Array, a: Array, T: Array, out: Array) -> None:
+    np.multiply(a, T.sum(axis=1, keepdims=True), out=out)
+    np.subtract(out, T, out=out)
+    np.divide(out, a.shape[0], out=out)
 
 
 def _ce_grad(z: Array, a: Array, T: Array) -> Array:
@@ -176,15 +199,15 @@ LOSSES: dict[str, Loss] = {
     "mse": Loss("mse", _mse_value, _mse_grad),
     "half_sse": Loss(
         "half_sse", _half_sse_value, _half_sse_grad, fused=("identity",),
-        fused_delta=_residual_over_n,
+        fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
     ),
     "bce": Loss(
         "bce", _bce_value, _bce_grad, outputs=("sigmoid",), fused=("sigmoid",),
-        fused_delta=_residual_over_n,
+        fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
     ),
     "cross_entropy": Loss(
         "cross_entropy", _ce_value, _ce_grad, outputs=("softmax",), min_units=2,
-        fused=("softmax",), fused_delta=_ce_delta,
+        fused=("softmax",), fused_delta=_ce_delta, fused_delta_into=_ce_delta_into,
     ),
     "hinge": Loss("hinge", _hinge_value, _hinge_grad, outputs=("identity", "tanh")),
 }

@@ -8,7 +8,10 @@ same code path as a tracked run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +21,98 @@ from pipeline.nn import MLP
 from pipeline.optim import Optimizer, make_optimizer
 
 Array = np.ndarray
+# The step method as defined: the trainer skips its argument checks only when neither a
+# subclass nor a test has replaced it.
+_OPTIMIZER_STEP = Optimizer.step
 Callback = Callable[[int, dict[str, float]], object]
 
 # A unit counts as saturated where its local derivative is below this share of the
 # function's largest derivative: |a| > 0.975 for tanh, a < 0.013 or a > 0.987 for sigmoid.
 SATURATION_THRESHOLD = 0.05
+
+
+# BLAS threads pay off only when one matrix product is large: below about 2**25
+# multiply-adds the second thread's start-up and synchronisation cost more than it saves
+# (measured on the 2-core machine: 256x64x64 runs 2.5x slower on 2 threads, 1000x128x128
+# 1.5x faster; see benchmarks/README.md). Elementwise numpy work is single-threaded anyway.
+PARALLEL_MIN_MACS = 2**27
+
+
+def blas_threads_for(batch: int, widths: Sequence[int], cores: int | None = None) -> int:
+    """BLAS threads worth using for training steps on ``batch`` rows.
+
+    Parameters
+    ----------
+    batch : int
+        Rows per step (the batch size, or the data size for full batch).
+    widths : sequence of int
+        Layer widths from input to output, like ``model.sizes``.
+    cores : int, optional
+        Cores available; default ``os.cpu_count()``.
+
+    Returns
+    -------
+    int
+        1 when the largest matrix product of a step (``batch * fan_in * fan_out``
+        multiply-adds) is below :data:`PARALLEL_MIN_MACS`, else all cores.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    largest = max(fi * fo for fi, fo in zip(widths[:-1], widths[1:], strict=True))
+    return cores if batch * largest >= PARALLEL_MIN_MACS else 1
+
+
+_BLAS: dict[str, object] = {"controller": None, "n_modules": -1}
+
+
+def _blas_controller():
+    """A threadpoolctl controller of the loaded BLAS libraries, cached.
+
+    Building one scans every loaded shared library (milliseconds once torch or scipy are
+    loaded, as long as a short training run); a BLAS library can only appear with a new
+    import, so the scan is redone only when ``sys.modules`` has grown.
+    """
+    n_modules = len(sys.modules)
+    if _BLAS["controller"] is None or _BLAS["n_modules"] != n_modules:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS["controller"] = ThreadpoolController().select(user_api="blas")
+        _BLAS["n_modules"] = n_modules
+    return _BLAS["controller"]
+
+
+def current_blas_threads() -> int | None:
+    """The BLAS thread limit in force (the largest over loaded BLAS libraries)."""
+    counts = [lib.num_threads for lib in _blas_controller().lib_controllers]
+    return max(counts) if counts else None
+
+
+@contextmanager
+def blas_threads(limit: int | None) -> Iterator[None]:
+    """Run the block with at most ``limit`` BLAS threads, restoring the settings after.
+
+    ``None`` changes nothing. Thread counts apply to every loaded BLAS library
+    (numpy's and scipy's OpenBLAS), through threadpoolctl.
+    """
+    if limit is None:
+        yield
+        return
+    with _blas_controller().limit(limits=int(limit)):
+        yield
+
+
+def _resolve_threads(threads: int | str | None, batch: int, sizes: Sequence[int]) -> int | None:
+    """The limit :func:`fit` applies for its ``threads`` argument (None: leave as is)."""
+    if threads is None:
+        return None
+    if threads == "auto":
+        wanted = blas_threads_for(batch, sizes)
+        current = current_blas_threads()
+        if current is None or wanted >= current:
+            return None  # never raise a limit set outside (one thread per sweep job)
+        return wanted
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads={threads!r}: must be 'auto', None or an integer >= 1")
+    return int(threads)
 
 
 class StopTraining(Exception):
@@ -155,6 +245,8 @@ def fit(
     patience: int | None = None,
     restore_best: bool = True,
     diagnostics: bool = True,
+    threads: int | str | None = "auto",
+    fast: bool = True,
 ) -> History:
     """Train ``model`` in place by mini-batch gradient descent.
 
@@ -188,6 +280,16 @@ def fit(
     diagnostics : bool
         Also report per-layer gradient norms, update-to-weight ratios and the fractions
         of dead or saturated hidden units.
+    threads : "auto", int or None
+        BLAS threads during training: ``"auto"`` picks :func:`blas_threads_for` the
+        batch and layer sizes, never more than the limit already in force (so a sweep
+        job capped at one thread stays at one); an integer sets exactly that many;
+        None leaves the BLAS settings alone. Settings are restored on return.
+    fast : bool
+        Use the preallocated fast path (:meth:`MLP._value_and_grad`, batches as views of
+        a shuffled copy). False runs the straightforward allocating reference path
+        (:meth:`MLP._value_and_grad_reference`, per-step gathers); both give the same
+        numbers up to floating-point rounding.
 
     Returns
     -------
@@ -231,74 +333,142 @@ def fit(
     rng = np.random.default_rng(seed)
     history = History()
     best_loss, best_params, stale = np.inf, None, 0
-
-    # Reused batch buffers: fancy indexing would allocate a fresh copy every step.
     n_batches = -(-n // batch)
-    Xb = np.empty((batch, X.shape[1]), dtype=model.dtype)
-    Tb = np.empty((batch, T.shape[1]), dtype=model.dtype)
     previous = np.empty_like(model.params) if diagnostics else None
+    if fast:
+        value_and_grad, forward = model._value_and_grad, model._forward_fast
+        epoch_batches = _ShuffledViews(X, T, batch, rng)
+    else:
+        value_and_grad, forward = model._value_and_grad_reference, model._forward
+        # Reused batch buffers: fancy indexing would allocate a fresh copy every step.
+        Xb = np.empty((batch, X.shape[1]), dtype=model.dtype)
+        Tb = np.empty((batch, T.shape[1]), dtype=model.dtype)
 
-    for epoch in range(1, epochs + 1):
-        optimizer.set_epoch(epoch)
-        evaluate_now = epoch % eval_every == 0 or epoch == epochs
-        batches = [(X, T)] if batch == n else _shuffled_batches(X, T, rng, batch, Xb, Tb)
-        for step, (xb, tb) in enumerate(batches):
-            model._value_and_grad(xb, tb, loss, compute_value=False)
-            if evaluate_now and diagnostics and step == n_batches - 1:
-                # Kept to report the size of the epoch's last update relative to the weights.
-                previous[...] = model.params
-            optimizer.step(model.params, model.grad)
-        if not np.all(np.isfinite(model.params)):
-            raise DivergenceError(epoch, "parameters became non-finite")
-        if not evaluate_now:
-            continue
+        def epoch_batches() -> Iterable[tuple[Array, Array]]:
+            return [(X, T)] if batch == n else _shuffled_batches(X, T, rng, batch, Xb, Tb)
 
-        metrics: dict[str, float] = {}
-        Zs, As = model._forward(X)
-        train_loss = loss.value(Zs[-1], As[-1], T)
-        if not np.isfinite(train_loss):
-            raise DivergenceError(epoch, f"loss became {train_loss}")
-        proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
-        metrics["train/loss"] = train_loss
-        metrics["train/accuracy"] = float(np.mean(np.argmax(proba, axis=1) == labels))
-        if has_val:
-            val_loss, val_accuracy = evaluate(model, X_val, T_val, labels_val, loss)
-            metrics["test/loss"] = val_loss
-            metrics["test/accuracy"] = val_accuracy
-        metrics["lr"] = float(optimizer.current_lr)
-        if diagnostics:
-            grad_norms = _layer_norms(model, model.grad)
-            update_norms = _layer_norms(model, model.params - previous)
-            weight_norms = _layer_norms(model, model.params)
-            norms = zip(grad_norms, update_norms, weight_norms, strict=True)
-            for i, (g, u, w) in enumerate(norms, start=1):
-                metrics[f"grad_norm/layer_{i}"] = float(g)
-                metrics[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
-            _diagnostics(model, As, metrics)
-        history.append(epoch, metrics)
+    params, grad = model.params, model.grad
+    # The arrays were bound above with their shape and dtype, so the per-step argument
+    # checks of Optimizer.step can be skipped (unless a subclass has its own step).
+    fast_step = fast and type(optimizer).step is _OPTIMIZER_STEP
+    step = optimizer._step if fast_step else optimizer.step
+    with blas_threads(_resolve_threads(threads, batch, model.sizes)):
+        for epoch in range(1, epochs + 1):
+            optimizer.set_epoch(epoch)
+            evaluate_now = epoch % eval_every == 0 or epoch == epochs
+            keep_previous = evaluate_now and diagnostics
+            for k, (xb, tb) in enumerate(epoch_batches()):
+                value_and_grad(xb, tb, loss, False)
+                if keep_previous and k == n_batches - 1:
+                    # Kept to report the size of the epoch's last update relative to the
+                    # weights.
+                    previous[...] = params
+                step(params, grad)
+            if not _all_finite(params):
+                raise DivergenceError(epoch, "parameters became non-finite")
+            if not evaluate_now:
+                continue
 
-        stop = False
-        if has_val:
-            if metrics["test/loss"] < best_loss:
-                best_loss, stale = metrics["test/loss"], 0
-                history.best_epoch = epoch
-                if patience is not None and restore_best:
-                    best_params = model.params.copy()
-            else:
-                stale += 1
-                stop = patience is not None and stale >= patience
-        for callback in callbacks:
-            try:
-                callback(epoch, metrics)
-            except StopTraining:
-                stop = True
-        if stop and epoch < epochs:
-            history.stopped_early = True
-            break
+            metrics: dict[str, float] = {}
+            Zs, As = forward(X)
+            train_loss = loss.value(Zs[-1], As[-1], T)
+            if not np.isfinite(train_loss):
+                raise DivergenceError(epoch, f"loss became {train_loss}")
+            proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
+            metrics["train/loss"] = train_loss
+            metrics["train/accuracy"] = float(np.mean(np.argmax(proba, axis=1) == labels))
+            unit_fractions: dict[str, float] = {}
+            if diagnostics:
+                # Now, before a validation forward pass that may reuse the same buffers.
+                _diagnostics(model, As, unit_fractions)
+            if has_val:
+                val_loss, val_accuracy = _evaluate(forward, model, X_val, T_val, labels_val,
+                                                   loss)
+                metrics["test/loss"] = val_loss
+                metrics["test/accuracy"] = val_accuracy
+            metrics["lr"] = float(optimizer.current_lr)
+            if diagnostics:
+                grad_norms = _layer_norms(model, model.grad)
+                update_norms = _layer_norms(model, model.params - previous)
+                weight_norms = _layer_norms(model, model.params)
+                norms = zip(grad_norms, update_norms, weight_norms, strict=True)
+                for i, (g, u, w) in enumerate(norms, start=1):
+                    metrics[f"grad_norm/layer_{i}"] = float(g)
+                    metrics[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
+                metrics.update(unit_fractions)
+            history.append(epoch, metrics)
+
+            stop = False
+            if has_val:
+                if metrics["test/loss"] < best_loss:
+                    best_loss, stale = metrics["test/loss"], 0
+                    history.best_epoch = epoch
+                    if patience is not None and restore_best:
+                        best_params = model.params.copy()
+                else:
+                    stale += 1
+                    stop = patience is not None and stale >= patience
+            for callback in callbacks:
+                try:
+                    callback(epoch, metrics)
+                except StopTraining:
+                    stop = True
+            if stop and epoch < epochs:
+                history.stopped_early = True
+                break
 
     if best_params is not None:
         model.set_params(best_params)
     return history
+
+
+def _evaluate(forward, model: MLP, X: Array, T: Array, labels: Array, loss: Loss):
+    Zs, As = forward(X)
+    value = loss.value(Zs[-1], As[-1], T)
+    proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
+    return value, float(np.mean(np.argmax(proba, axis=1) == labels))
+
+
+def _all_finite(params: Array) -> bool:
+    """Whether every parameter is finite, in one reduction on the common path.
+
+    A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves
+    all are finite; only a non-finite sum (which finite values can also produce, by
+    overflow) needs the exact elementwise check.
+    """
+    if np.isfinite(np.add.reduce(params)):
+        return True
+    return bool(np.all(np.isfinite(params)))
+
+
+class _ShuffledViews:
+    """Batches of one epoch as views into one shuffled copy of the data.
+
+    Gathering the whole shuffled data set once per epoch (two ``take`` calls) and then
+    slicing contiguous batches costs far less than two gathers per step, and the batches
+    hold exactly the rows :func:`_shuffled_batches` would give for the same generator.
+    """
+
+    def __init__(self, X: Array, T: Array, batch: int, rng: np.random.Generator) -> None:
+        self.X, self.T, self.rng = X, T, rng
+        n = X.shape[0]
+        if batch >= n:
+            self.views = [(X, T)]
+            self.shuffle = False
+            return
+        self.shuffle = True
+        self.Xs = np.empty_like(X)
+        self.Ts = np.empty_like(T)
+        self.views = [
+            (self.Xs[i : i + batch], self.Ts[i : i + batch]) for i in range(0, n, batch)
+        ]
+
+    def __call__(self) -> list[tuple[Array, Array]]:
+        if self.shuffle:
+            order = self.rng.permutation(self.X.shape[0])
+            np.take(self.X, order, axis=0, out=self.Xs)
+            np.take(self.T, order, axis=0, out=self.Ts)
+        return self.views
 
 
 def _shuffled_batches(

@@ -1,0 +1,232 @@
+"""The optimised training path against the straightforward reference path.
+
+``fit(..., fast=True)`` (the default) runs forward and backward in preallocated
+workspaces with in-place kernels; ``fast=False`` runs the allocating reference
+(:meth:`MLP._value_and_grad_reference`). Both must train to the same parameters, for
+every optimiser and every batching mode; float32 training must agree with float64 to
+float32 tolerance; and a run must leave the BLAS thread settings as it found them.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, get_activation
+from pipeline.losses import LOSSES, get_loss
+from pipeline.nn import MLP
+from pipeline.optim import OPTIMIZERS, make_optimizer
+from pipeline.trainer import (
+    PARALLEL_MIN_MACS,
+    blas_threads,
+    blas_threads_for,
+    current_blas_threads,
+    fit,
+)
+
+
+def _data(n: int = 90, d: int = 3, k: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = (X[:, 0] + 0.5 * X[:, 1] ** 2 > 0.3).astype(int) if k == 2 else rng.integers(0, k, n)
+    return X, y
+
+
+def _train(fast: bool, *, optimizer: str = "adam", dtype=np.float64, sizes=(3, 8, 6, 1),
+           activation="tanh", output="sigmoid", loss="bce", batch_size=None, epochs=12,
+           k: int = 2, bias: bool = True, **opt_kwargs):
+    X, y = _data(k=k)
+    model = MLP(list(sizes), activation=activation, output=output, bias=bias, seed=3,
+                dtype=dtype)
+    opt = make_optimizer(optimizer, lr=0.05 if optimizer not in ("adam", "adamw") else 0.01,
+                         **opt_kwargs)
+    history = fit(model, X, y, loss=loss, optimizer=opt, epochs=epochs,
+                  batch_size=batch_size, seed=7, fast=fast, X_val=X[:30], y_val=y[:30])
+    return model, history
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("batch_size", [None, 16, 1])
+def test_fast_path_equals_reference_for_every_optimizer(optimizer, batch_size):
+    epochs = 3 if batch_size == 1 else 12
+    fast, h_fast = _train(True, optimizer=optimizer, batch_size=batch_size, epochs=epochs)
+    ref, h_ref = _train(False, optimizer=optimizer, batch_size=batch_size, epochs=epochs)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    assert h_fast.epochs == h_ref.epochs
+    assert h_fast.metrics.keys() == h_ref.metrics.keys()
+    for key in h_ref.metrics:
+        np.testing.assert_allclose(h_fast.metrics[key], h_ref.metrics[key], rtol=1e-7,
+                                   atol=1e-10, err_msg=key)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_fast_path_with_penalties_and_schedule(optimizer):
+    kwargs = dict(weight_decay=0.01, l1=0.001, schedule="cosine", schedule_params={"t_max": 10})
+    fast, _ = _train(True, optimizer=optimizer, batch_size=32, **kwargs)
+    ref, _ = _train(False, optimizer=optimizer, batch_size=32, **kwargs)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+
+
+# Every hidden activation, and every (output, loss) pair the losses accept, with and
+# without biases: the in-place kernels and fused deltas must match the reference rules.
+PAIRS = [
+    ("sigmoid", "bce", 1),
+    ("softmax", "cross_entropy", 3),
+    ("identity", "mse", 1),
+    ("identity", "half_sse", 2),
+    ("tanh", "hinge", 1),
+    ("identity", "hinge", 3),
+    ("sigmoid", "mse", 2),
+]
+
+
+@pytest.mark.parametrize("activation", HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize(("output", "loss", "units"), PAIRS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_gradient_equals_reference(activation, output, loss, units, bias):
+    rng = np.random.default_rng(1)
+    # 200 rows of narrow layers use the column-major workspace, 20 rows the row-major one.
+    for n in (20, 200):
+        model = MLP([4, 5, 3, units], activation=activation, output=output, bias=bias,
+                    seed=2, activation_params={"slope": 0.1, "alpha": 0.7})
+        X = rng.normal(size=(n, 4)) * 2
+        y = rng.integers(0, max(units, 2), n)
+        T = model.encode_targets(y)
+        L = get_loss(loss)
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_kernels_match_the_allocating_ones(name, dtype):
+    act = get_activation(name, slope=0.2, alpha=0.5)
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(40, 5)) * 6).astype(dtype)
+    z[0] = [0.0, 1e4, -1e4, 80.0, -80.0]
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    out = np.empty_like(z)
+    # Finite and free of overflow warnings, like the reference (underflow to 0 is fine).
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        act.forward_to(z, out)
+    a = act.forward(z)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, a, rtol=tol, atol=tol)
+    if act.output_only:
+        return
+    g = rng.normal(size=z.shape).astype(dtype)
+    expected = act.backward(z, a, g)
+    scratch = np.empty_like(z)
+    act.backward_to(z, a, g, scratch)
+    np.testing.assert_allclose(g, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", [n for n, loss in LOSSES.items() if loss.fused])
+def test_fused_delta_into_matches_delta(name):
+    loss = get_loss(name)
+    rng = np.random.default_rng(0)
+    for output in loss.fused:
+        units = 3 if output == "softmax" else 2
+        z = rng.normal(size=(10, units))
+        act = ACTIVATIONS[output]
+        a = act.forward(z)
+        T = np.eye(units)[rng.integers(0, units, 10)]
+        out = np.empty_like(z)
+        loss.delta_into(z, a, T, act, out)
+        np.testing.assert_array_equal(out, loss.delta(z, a, T, act))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_float32_training_agrees_with_float64(optimizer):
+    m32, h32 = _train(True, optimizer=optimizer, dtype=np.float32, batch_size=16, epochs=10)
+    m64, h64 = _train(True, optimizer=optimizer, dtype=np.float64, batch_size=16, epochs=10)
+    assert m32.params.dtype == np.float32
+    np.testing.assert_allclose(m32.params, m64.params, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(h32.metrics["train/loss"], h64.metrics["train/loss"],
+                               rtol=1e-3, atol=1e-5)
+
+
+def test_softmax_network_trains_the_same_on_both_paths():
+    kw = dict(sizes=(3, 8, 3), activation="relu", output="softmax", loss="cross_entropy", k=3,
+              batch_size=25)
+    fast, _ = _train(True, **kw)
+    ref, _ = _train(False, **kw)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+
+
+def test_workspaces_are_reused_not_pickled_and_bounded():
+    X, y = _data(n=50)
+    model = MLP([3, 4, 1], seed=0)
+    T = model.encode_targets(y)
+    loss = get_loss("bce")
+    model._value_and_grad(X, T, loss, False)
+    ws = model._workspaces[50]
+    model._value_and_grad(X, T, loss, False)
+    assert model._workspaces[50] is ws
+    for n in range(1, 10):
+        model._value_and_grad(X[:n], T[:n], loss, False)
+    assert len(model._workspaces) <= 4
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone._workspaces == {}
+    np.testing.assert_array_equal(clone.params, model.params)
+    # A copy trains on its own buffers.
+    assert model.copy()._workspaces == {}
+
+
+def test_blas_threads_for_picks_one_thread_for_small_problems():
+    assert blas_threads_for(64, [2, 32, 32, 1], cores=2) == 1
+    assert blas_threads_for(1000, [2, 16, 16, 1], cores=2) == 1
+    assert blas_threads_for(100_000, [2, 256, 256, 1], cores=2) == 2
+    big_batch = PARALLEL_MIN_MACS // (64 * 64) + 1
+    assert blas_threads_for(big_batch, [64, 64], cores=8) == 8
+
+
+def test_thread_settings_are_restored_after_a_run():
+    before = current_blas_threads()
+    X, y = _data()
+    for threads in ("auto", 1, 2, None):
+        fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=2,
+            threads=threads)
+        assert current_blas_threads() == before
+
+
+def test_threads_inside_fit_follow_the_setting_and_an_outer_cap():
+    X, y = _data()
+    seen = []
+
+    def record(epoch, metrics):
+        seen.append(current_blas_threads())
+
+    with blas_threads(1):
+        # "auto" never raises a limit set outside (one thread per job in a sweep).
+        fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=1,
+            callbacks=[record])
+        assert seen[-1] == 1
+    fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=1, threads=1,
+        callbacks=[record])
+    assert seen[-1] == 1
+
+
+def test_thread_setting_is_restored_when_training_fails():
+    before = current_blas_threads()
+    X, y = _data()
+
+    def boom(epoch, metrics):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=3, threads=1,
+            callbacks=[boom])
+    assert current_blas_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, "many", 1.5, True])
+def test_bad_threads_setting_is_refused(bad):
+    X, y = _data()
+    with pytest.raises(ValueError, match="threads="):
+        fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=1, threads=bad)
