@@ -8,6 +8,7 @@ ends with the matching MLflow status and keeps what was logged and drawn so far.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ class RunResult:
         None when tracking is off.
     reason : str or None
         Why the run did not finish.
+    spool_message : str or None
+        Where what could not reach the tracking store was kept, and how to upload it.
     timings : dict
         Seconds per phase (data, train, plots, logging, ...).
     """
@@ -68,6 +71,7 @@ class RunResult:
     tracking_uri: str | None = None
     reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    spool_message: str | None = None
 
     @property
     def objective(self) -> float | None:
@@ -92,9 +96,39 @@ class _Timer:
         return time.perf_counter() - self._start
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run; ``signum`` says which.
+
+    A ``KeyboardInterrupt`` subclass, so code that handles Ctrl-C handles it too.
+    ``train.py`` exits with the shell's convention for it, ``128 + signum``.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = int(signum)
+        super().__init__(_signal_text(self.signum))
+
+
+def _signal_text(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
+
+
+def _as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """A plain ``KeyboardInterrupt`` (Python's own Ctrl-C) is a SIGINT."""
+    if isinstance(exc, Interrupted):
+        return exc
+    new = Interrupted(signal.SIGINT)
+    new.__traceback__ = exc.__traceback__
+    return new
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while training, so the run can end KILLED, not RUNNING."""
+    """Treat SIGTERM like Ctrl-C for the whole run, so it ends KILLED, never RUNNING.
+
+    Without it SIGTERM kills the process on the spot: no exit hook runs and the MLflow run
+    stays RUNNING forever. Installed from before the run is created until it has ended.
+    """
     if os.name != "posix":
         yield
         return
@@ -110,7 +144,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+    raise Interrupted(signum)
 
 
 def git_commit(root: Path) -> str | None:
@@ -188,11 +222,23 @@ def run(
     ------
     RunFailed
         When training diverged or raised; the run is recorded FAILED first.
-    KeyboardInterrupt
-        On Ctrl-C or SIGTERM, after the run is recorded KILLED with what it reached.
+    Interrupted
+        (a ``KeyboardInterrupt``) On Ctrl-C or SIGTERM, after the run is recorded KILLED
+        with the metrics and plots of the state it reached. A second Ctrl-C while those are
+        saved skips the remaining artifacts; the run still ends KILLED.
     """
     timer = _Timer()
     tcfg, trk = config["trainer"], config["tracking"]
+    with _sigterm_as_interrupt():
+        try:
+            return _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id,
+                        experiment_id, tags, parallel, echo)
+        except KeyboardInterrupt as exc:
+            raise _as_interrupted(exc) from None
+
+
+def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experiment_id, tags,
+         parallel, echo) -> RunResult:
     with timer("data"):
         dataset = make_dataset(config["dataset"]["name"], **dataset_kwargs(config))
     model = build_model(config, dataset)
@@ -204,34 +250,40 @@ def run(
     if trk["kind"] != "none":
         with timer("logging"):
             tracker, tracking_uri = _start_tracking(
-                config, name, dataset, overrides, output_dir, parent_run_id,
-                experiment_id, tags,
+                config, name, overrides, output_dir, parent_run_id, experiment_id, tags,
             )
 
     history = History()
     predict_raw = _raw_proba(model, dataset)
     animation = None
-    callbacks: list = [history.append]
-    if tracker is not None:
-        callbacks.append(tracker)
-        if trk.get("animation", True):
-            animation = _start_animation(dataset, model, tcfg, predict_raw)
-            callbacks.append(animation[1])
-    bar = ProgressBar(tcfg["epochs"], name, enabled=want_progress(tcfg["progress"],
-                                                                   parallel=parallel))
-    callbacks.append(bar)
-
-    if tcfg.get("gradcheck"):
-        _run_gradcheck(model, dataset, tracker, echo)
-
     before = None
-    if tracker is not None:
-        with timer("plots"):
-            before = _boundary_figure(predict_raw, dataset, f"{name}: before training")
-
+    bar = None
     status, reason, error = "FINISHED", None, None
-    with timer("train"), _sigterm_as_interrupt(), _thread_limit(tcfg.get("threads"), parallel):
-        try:
+    # From here on the run exists: whatever happens, it ends FINISHED, FAILED or KILLED.
+    try:
+        callbacks: list = [history.append]
+        if tracker is not None:
+            with timer("logging"):
+                tracker.log_dataset(dataset.to_frame(), name=dataset.name,
+                                    source=dataset.source, targets="label")
+            callbacks.append(tracker)
+            if trk.get("animation", True):
+                animation = _start_animation(dataset, model, tcfg, predict_raw)
+                callbacks.append(animation[1])
+        bar = ProgressBar(tcfg["epochs"], name,
+                          enabled=want_progress(tcfg["progress"], parallel=parallel))
+        callbacks.append(bar)
+
+        if tcfg.get("gradcheck"):
+            _run_gradcheck(model, dataset, tracker, echo)
+
+        if tracker is not None:
+            with timer("plots"):
+                before = _boundary_figure(predict_raw, dataset, f"{name}: before training")
+
+        # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
+        with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
+                np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             fit(
                 model, dataset.X_train, dataset.y_train,
                 loss=model.loss, optimizer=optimizer, epochs=tcfg["epochs"],
@@ -239,31 +291,47 @@ def run(
                 X_val=dataset.X_test, y_val=dataset.y_test, callbacks=callbacks,
                 eval_every=tcfg["eval_every"], patience=tcfg["patience"],
             )
-        except DivergenceError as exc:
-            status, reason, error = "FAILED", str(exc), exc
-        except KeyboardInterrupt as exc:
-            status, reason, error = "KILLED", f"interrupted ({exc or 'Ctrl-C'})", exc
-        except Exception as exc:  # recorded on the run, then re-raised
-            status, reason, error = "FAILED", f"{type(exc).__name__}: {exc}", exc
-        finally:
+    except DivergenceError as exc:
+        status, reason, error = "FAILED", str(exc), exc
+    except KeyboardInterrupt as exc:
+        error = _as_interrupted(exc)
+        status, reason = "KILLED", f"interrupted by {error}"
+    except Exception as exc:  # recorded on the run, then re-raised
+        status, reason, error = "FAILED", f"{type(exc).__name__}: {exc}", exc
+    finally:
+        if bar is not None:
             bar.close()
 
     metrics = history.last()
+    spool = None
     if tracker is not None:
-        # Restore default Ctrl-C while saving: a second Ctrl-C then exits at once.
         try:
-            _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
-                         before, animation, status, name)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
+                             before, animation, status, name)
+        except KeyboardInterrupt as exc:
+            # A (second) Ctrl-C or a SIGTERM while saving: skip the remaining artifacts,
+            # end the run with the metrics it has, and exit.
+            if status == "FINISHED":
+                status, reason = "KILLED", f"interrupted by {_as_interrupted(exc)} while saving"
+            error = _as_interrupted(exc)
+        except Exception as exc:
+            if status == "FINISHED":
+                status, reason = "FAILED", f"saving the results failed: {type(exc).__name__}: {exc}"
+                error = exc
+            else:  # the run already failed; report this one, raise the first
+                log.warning("saving the results of a %s run failed: %s", status, exc)
         finally:
             tracker.log_metrics({f"time/{k}": v for k, v in timer.seconds.items()},
                                 step=0)
-            tracker.end(status, reason)
+            spool = tracker.end(status, reason)
 
     result = RunResult(
         status=status, metrics=metrics, history=history, model=model, dataset=dataset,
         run_id=tracker.run_id if tracker else None,
         experiment_id=tracker.experiment_id if tracker else None,
         tracking_uri=tracking_uri, reason=reason, timings=dict(timer.seconds),
+        spool_message=tracker.spool_message if spool is not None else None,
     )
     if echo:
         _print_summary(result, name)
@@ -277,7 +345,7 @@ def run(
 # --------------------------------------------------------------------------- helpers
 
 
-def _start_tracking(config, name, dataset, overrides, output_dir, parent_run_id,
+def _start_tracking(config, name, overrides, output_dir, parent_run_id,
                     experiment_id=None, extra_tags=None):
     from pipeline import tracking
 
@@ -288,14 +356,20 @@ def _start_tracking(config, name, dataset, overrides, output_dir, parent_run_id,
                      or tracking.prepare_experiment(uri, trk["experiment"]))
     spool = Path(output_dir) / "spool" if output_dir else None
     tracker = tracking.RunTracker(uri, spool_root=spool)
-    tags = {"dataset": dataset.name, "overrides": " ".join(overrides) or "(defaults)",
-            **(extra_tags or {})}
+    tags = {"dataset": config["dataset"]["name"],
+            "overrides": " ".join(overrides) or "(defaults)", **(extra_tags or {})}
     commit = git_commit(project_root())
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tracker.start(experiment_id, name, params=config, tags=tags, parent_run_id=parent_run_id)
-    frame = dataset.to_frame()
-    tracker.log_dataset(frame, name=dataset.name, source=dataset.source, targets="label")
+    try:
+        tracker.start(experiment_id, name, params=config, tags=tags,
+                      parent_run_id=parent_run_id)
+    except KeyboardInterrupt:
+        # Interrupted between creating the run and registering its exit hook.
+        if tracker.run_id is not None and not tracker.active:
+            with contextlib.suppress(Exception):
+                tracker.client.set_terminated(tracker.run_id, "KILLED")
+        raise
     return tracker, uri
 
 
@@ -409,6 +483,8 @@ def _print_summary(result: RunResult, name: str) -> None:
         print("  " + ", ".join(parts))
     if result.reason:
         print(f"  reason: {result.reason}")
+    if result.spool_message:
+        print(f"  {result.spool_message}")
     if result.run_id:
         from pipeline import tracking
 
