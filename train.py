@@ -9,12 +9,16 @@
 A thin shell: the config is composed by Hydra, checked by ``pipeline.config.validate``
 (before anything is trained or logged) and handed to ``pipeline.app``. A bad config
 prints one line ``<key>=<value>: <what is allowed>`` on stderr and exits with status 2;
-set ``HYDRA_FULL_ERROR=1`` for the full traceback.
+a run that fails (divergence, an unreachable tracking server) prints one line and exits
+with 1; Ctrl-C and SIGTERM end the run KILLED and exit with 130 and 143. Set
+``HYDRA_FULL_ERROR=1`` for the full traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 from typing import Any, TextIO
 
@@ -30,6 +34,24 @@ register_configs()
 
 #: Exit status for a configuration error (argparse's convention for usage errors).
 EXIT_CONFIG_ERROR = 2
+#: Exit status for a run that failed (diverged, tracking store unreachable); Ctrl-C and
+#: SIGTERM exit with 128 + the signal number (130, 143) as shells do.
+EXIT_RUN_FAILED = 1
+
+
+def _run_error(exc: BaseException) -> str | None:
+    """One line for an error whose message says everything (no traceback needed): a run
+    that failed and is recorded FAILED (divergence), or an unreachable tracking store.
+
+    Looked up in ``sys.modules``: if the exception came from there, the module is loaded.
+    """
+    kinds = [
+        getattr(sys.modules.get("pipeline.app"), "RunFailed", None),
+        getattr(sys.modules.get("pipeline.tracking"), "TrackingUnavailable", None),
+    ]
+    if any(kind is not None and isinstance(exc, kind) for kind in kinds):
+        return " ".join(str(exc).split())
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -98,9 +120,26 @@ def cli(argv: list[str] | None = None) -> int:
     sys.stderr = proxy
     try:
         main()
+    except KeyboardInterrupt as exc:
+        # Ctrl-C or SIGTERM: the run is already recorded KILLED with what it reached
+        # (pipeline.app); exit like a shell does for a signal, without a traceback.
+        proxy.discard()
+        if user_wants_traceback:
+            raise
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {exc or 'SIGINT (Ctrl-C)'}; exiting", file=stderr)
+        return 128 + int(signum)
     except Exception as exc:
         err = as_config_error(exc, argv)
-        if err is None or user_wants_traceback:
+        if err is None:
+            reason = _run_error(exc)
+            if reason is None or user_wants_traceback:
+                proxy.release()
+                raise
+            proxy.discard()
+            print(f"error: {reason}", file=stderr)
+            return EXIT_RUN_FAILED
+        if user_wants_traceback:
             proxy.release()
             raise
         proxy.discard()
@@ -114,5 +153,18 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_at_once(status: int) -> None:
+    """Leave after Ctrl-C or SIGTERM without the interpreter's teardown of every loaded
+    module (a second or two with MLflow and matplotlib loaded): exit hooks (the tracker's,
+    logging's) still run and the output is flushed."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    status = cli()
+    if status > 128:  # interrupted: the run is already recorded KILLED
+        _exit_at_once(status)
+    sys.exit(status)
