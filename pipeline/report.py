@@ -295,7 +295,8 @@ def sweep_table(
             start_time=run.get("start_time"),
         )
         if run["status"] == "RUNNING":
-            row["failure_reason"] = row["failure_reason"] or "still RUNNING: the job never ended"
+            row["failure_reason"] = (row["failure_reason"]
+                                     or "still RUNNING (in progress, or its process died)")
         rows.append(row)
     columns = ["job", *[p.key for p in params], *METRICS, "status", "failure_reason",
                "run_name", "run_id", "start_time"]

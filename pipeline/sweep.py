@@ -350,6 +350,8 @@ class MlflowSweepCallback(Callback):
             return  # a single run: errors propagate as usual
         if job_return.status != JobStatus.FAILED:
             return
+        # The stored exception itself: reading .return_value would re-raise it (and print
+        # Hydra's "Error executing job" line).
         error = job_return._return_value
         reason = _reason(error)
         num = OmegaConf.select(config, "hydra.job.num")
