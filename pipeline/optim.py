@@ -477,7 +477,9 @@ class Optimizer:
             # AdamW: w <- w - lr * wd * w, applied before the adaptive update as PyTorch
             # does; the gradient was taken at the un-decayed w.
             w = params[: self._nw]
-            np.multiply(w, 1.0 - lr * self.weight_decay, out=w)
+            # lr may be a per-parameter vector (replicas trained with one lr each).
+            lr_w = lr[: self._nw] if isinstance(lr, np.ndarray) else lr
+            np.multiply(w, 1.0 - lr_w * self.weight_decay, out=w)
         self._update(params, g, lr)
 
     def _penalised_grad(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:

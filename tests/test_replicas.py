@@ -1,0 +1,205 @@
+"""Replicas: K networks trained side by side equal K separate fit() runs."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.nn import MLP
+from pipeline.optim import make_optimizer
+from pipeline.replicas import (
+    ReplicaHistory,
+    ReplicaMLP,
+    _ReplicaWorkspace,
+    fit_replicas,
+    replicas_from_config,
+)
+from pipeline.trainer import DivergenceError, StopTraining, fit
+
+K = 3
+
+
+def _data(n: int = 80, k: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int) if k == 2 else rng.integers(0, k, n)
+    return X, y
+
+
+ARCH = {
+    "binary": dict(sizes=[2, 6, 5, 1], activation="tanh", output="sigmoid", loss="bce"),
+    "relu": dict(sizes=[2, 7, 1], activation="relu", output="sigmoid", loss="bce"),
+    "softmax": dict(sizes=[2, 5, 4, 3], activation=["relu", "sigmoid"], output="softmax",
+                    loss="cross_entropy"),
+    "mse": dict(sizes=[2, 4, 2], activation="elu", output="identity", loss="mse"),
+}
+
+
+def _separate(arch, optimizer, lrs, *, batch_size, epochs, seed=5, **opt_kw):
+    X, y = _data(k=max(arch["sizes"][-1], 2))
+    out = []
+    for k, lr in enumerate(lrs):
+        model = MLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                    seed=seed + k)
+        h = fit(model, X, y, loss=arch["loss"], optimizer=make_optimizer(optimizer, lr=lr,
+                                                                          **opt_kw),
+                epochs=epochs, batch_size=batch_size, seed=1, X_val=X[:25], y_val=y[:25])
+        out.append((model, h))
+    return out
+
+
+def _together(arch, optimizer, lrs, *, batch_size, epochs, seed=5, same_lr=False, **opt_kw):
+    X, y = _data(k=max(arch["sizes"][-1], 2))
+    reps = ReplicaMLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                      seed=seed, n_replicas=len(lrs))
+    opt = make_optimizer(optimizer, lr=lrs[0], **opt_kw)
+    h = fit_replicas(reps, X, y, loss=arch["loss"], optimizer=opt, epochs=epochs,
+                     batch_size=batch_size, seed=1, X_val=X[:25], y_val=y[:25],
+                     learning_rates=None if same_lr else lrs)
+    return reps, h
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("batch_size", [None, 16])
+@pytest.mark.parametrize("block", [True, False])
+def test_replicas_equal_separate_runs(optimizer, batch_size, block, monkeypatch):
+    if not block:
+        # The one-unit output layer through K small products and a broadcast outer
+        # product instead of the block-diagonal ones.
+        monkeypatch.setattr(_ReplicaWorkspace, "BLOCK_FORWARD_MACS", 0)
+        monkeypatch.setattr(_ReplicaWorkspace, "BLOCK_PROPAGATE_MACS", 0)
+    arch = ARCH["binary"]
+    lr = 0.01 if optimizer.startswith("adam") else 0.1
+    lrs = [lr] * K
+    alone = _separate(arch, optimizer, lrs, batch_size=batch_size, epochs=8)
+    reps, hist = _together(arch, optimizer, lrs, batch_size=batch_size, epochs=8,
+                           same_lr=True)
+    models = reps.replica_models()
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(models[k].params, model.params, rtol=1e-8, atol=1e-11)
+        assert models[k].seed == model.seed
+        mine = hist.replicas[k]
+        assert mine.epochs == h.epochs
+        assert list(mine.metrics) == list(h.metrics)  # fit()'s keys, in fit()'s order
+        for key in h.metrics:
+            np.testing.assert_allclose(mine.metrics[key], h.metrics[key], rtol=1e-6,
+                                       atol=1e-9, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["relu", "softmax", "mse"])
+def test_replicas_equal_separate_runs_for_other_architectures(name):
+    arch = ARCH[name]
+    lrs = [0.05, 0.02, 0.1]
+    alone = _separate(arch, "adam", lrs, batch_size=20, epochs=6)
+    reps, hist = _together(arch, "adam", lrs, batch_size=20, epochs=6)
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                   atol=1e-11)
+        np.testing.assert_allclose(hist.replicas[k].metrics["train/loss"],
+                                   h.metrics["train/loss"], rtol=1e-8)
+        assert hist.replicas[k].metrics["lr"] == h.metrics["lr"]
+
+
+def test_per_replica_learning_rates_follow_their_schedules():
+    arch = ARCH["binary"]
+    lrs = [0.2, 0.05, 0.01]
+    kw = dict(schedule="step", schedule_params={"step_size": 2, "gamma": 0.5})
+    alone = _separate(arch, "sgd", lrs, batch_size=None, epochs=5, **kw)
+    reps, hist = _together(arch, "sgd", lrs, batch_size=None, epochs=5, **kw)
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-9)
+        np.testing.assert_allclose(hist.replicas[k].metrics["lr"], h.metrics["lr"])
+
+
+def test_summary_holds_mean_and_spread_of_every_metric():
+    X, y = _data()
+    reps = ReplicaMLP([2, 5, 1], activation="relu", seed=0, n_replicas=4)
+    seen = []
+    hist = fit_replicas(reps, X, y, loss="bce", optimizer="adam", epochs=3, X_val=X, y_val=y,
+                        callbacks=[lambda e, m: seen.append((e, m))])
+    assert isinstance(hist, ReplicaHistory) and len(hist.replicas) == 4
+    keys = list(hist.replicas[0].metrics)
+    assert {"train/loss", "test/accuracy", "lr", "grad_norm/layer_1",
+            "dead_fraction/layer_1"} <= set(keys)
+    for key in keys:
+        per = np.array([h.metrics[key] for h in hist.replicas])
+        np.testing.assert_allclose(hist.metrics[key], per.mean(axis=0))
+        np.testing.assert_allclose(hist.metrics[f"{key}/std"], per.std(axis=0), atol=1e-12)
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert seen[-1][1] == hist.last()
+    table = hist.final_table()
+    assert [row["replica"] for row in table] == [0, 1, 2, 3]
+    assert table[2]["train/loss"] == hist.replicas[2].metrics["train/loss"][-1]
+
+
+def test_replicas_differ_and_predict_stacked():
+    X, y = _data()
+    reps = ReplicaMLP([2, 8, 1], activation="tanh", seed=10, n_replicas=3, dtype="float32")
+    fit_replicas(reps, X, y, loss="bce", optimizer=make_optimizer("adam", lr=0.05), epochs=20,
+                 batch_size=16)
+    proba = reps.predict_proba(X)
+    assert proba.shape == (3, len(X), 2) and proba.dtype == np.float32
+    assert not np.allclose(proba[0], proba[1])
+    assert reps.predict(X).shape == (3, len(X))
+    np.testing.assert_allclose(reps.mean_predict_proba(X), proba.mean(axis=0))
+    for k, model in enumerate(reps.replica_models()):
+        assert model.seed == 10 + k
+        np.testing.assert_allclose(model.predict_proba(X), proba[k], rtol=1e-5, atol=1e-6)
+
+
+def test_from_models_round_trip_and_checks():
+    models = [MLP([3, 4, 2], activation="relu", output="softmax", seed=s) for s in (4, 9)]
+    reps = ReplicaMLP.from_models(models)
+    assert reps.seeds == [4, 9]
+    for k, m in enumerate(models):
+        np.testing.assert_array_equal(reps.replica_params(k), m.params)
+    back = reps.replica_models()
+    np.testing.assert_array_equal(back[1].params, models[1].params)
+    with pytest.raises(ValueError, match="different architecture"):
+        ReplicaMLP.from_models([models[0], MLP([3, 5, 2], output="softmax")])
+    with pytest.raises(ValueError, match="n_replicas"):
+        ReplicaMLP([2, 1], n_replicas=0)
+    clone = pickle.loads(pickle.dumps(reps))
+    np.testing.assert_array_equal(clone.params, reps.params)
+
+
+def test_replicas_from_config_keeps_the_model_as_replica_zero():
+    model = MLP([2, 3, 1], activation="sigmoid", seed=7, dtype="float32")
+    model.params[:] = 0.25
+    reps = replicas_from_config(model, 3)
+    assert reps.seeds == [7, 8, 9] and reps.dtype == np.float32
+    np.testing.assert_array_equal(reps.replica_params(0), model.params)
+    np.testing.assert_array_equal(reps.replica_params(1), MLP([2, 3, 1], activation="sigmoid",
+                                                               seed=8).params.astype(np.float32))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_bad_arguments_and_divergence():
+    X, y = _data()
+    reps = ReplicaMLP([2, 3, 1], seed=0, n_replicas=2)
+    with pytest.raises(ValueError, match="learning_rates"):
+        fit_replicas(reps, X, y, loss="bce", optimizer="sgd", epochs=1, learning_rates=[0.1])
+    with pytest.raises(ValueError, match="patience"):
+        fit_replicas(reps, X, y, loss="bce", optimizer="sgd", epochs=1, patience=2)
+    with pytest.raises(DivergenceError, match="replica"):
+        fit_replicas(reps, X * 1e3, y, loss="bce", optimizer="sgd", epochs=50,
+                     learning_rates=[0.1, 1e30])
+
+
+def test_early_stopping_and_stop_training():
+    X, y = _data()
+    reps = ReplicaMLP([2, 16, 1], activation="relu", seed=0, n_replicas=2)
+
+    def stop_at_3(epoch, metrics):
+        if epoch == 3:
+            raise StopTraining
+
+    hist = fit_replicas(reps, X, y, loss="bce", optimizer="adam", epochs=10,
+                        callbacks=[stop_at_3])
+    assert hist.epochs == [1, 2, 3] and hist.stopped_early
+    hist = fit_replicas(reps, X[:40], y[:40], loss="bce",
+                        optimizer=make_optimizer("adam", lr=0.3), epochs=200,
+                        X_val=X[40:], y_val=y[40:], patience=3)
+    assert hist.stopped_early and hist.best_epoch is not None
