@@ -20,6 +20,7 @@ import atexit
 import os
 import signal
 import sys
+import threading
 from typing import Any, TextIO
 
 import hydra
@@ -104,6 +105,21 @@ class _HoldJobErrorLine:
         return getattr(self._stream, name)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training job (composing, between the jobs of a sweep, while its
+    report is made): handled like Ctrl-C, so exit hooks end open runs KILLED. (Left to
+    the default action, SIGTERM ends the process at once and runs stay RUNNING forever.)
+    Inside a job :mod:`pipeline.app` installs its own handler."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Run :func:`main`, printing configuration errors as one line instead of a traceback.
 
@@ -118,6 +134,9 @@ def cli(argv: list[str] | None = None) -> int:
     stderr = sys.stderr
     proxy = _HoldJobErrorLine(stderr)
     sys.stderr = proxy
+    previous_sigterm = None
+    if os.name == "posix" and threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
     except KeyboardInterrupt as exc:
@@ -146,6 +165,8 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=stderr)
         return EXIT_CONFIG_ERROR
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         sys.stderr = stderr
         proxy.release()
         if not user_wants_traceback:
