@@ -21,7 +21,11 @@ machine hits them all alike, and the median of the repeats is reported.
   gradients ``A.T @ delta``, ``delta @ W.T``) on preallocated float32 arrays with
   ``out=``, timed with one BLAS thread and with all cores; the faster is the floor.
 
-Peers run with their library defaults for threads (what a user gets).
+Threads: ours picks its own (``blas_threads_for``: one BLAS thread unless a product
+is large). Each peer gets whichever of one thread and all cores is faster for it on
+the configuration (a short probe before the timed repeats; PyTorch's default of all
+cores is many times slower than one thread on these small networks), so the ratios
+compare every trainer at its best thread count. The thread counts used are printed.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from pipeline.nn import MLP  # noqa: E402
 from pipeline.optim import make_optimizer  # noqa: E402
-from pipeline.trainer import fit  # noqa: E402
+from pipeline.trainer import blas_threads_for, fit  # noqa: E402
 
 try:  # optional peer
     import torch
@@ -99,7 +103,8 @@ def make_data(cfg: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- runners
 
 
-def run_ours(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple[float, float]:
+def run_ours(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int,
+             threads: int | None = None) -> tuple[float, float]:
     n_out = 1 if cfg.classes == 2 else cfg.classes
     output, loss = ("sigmoid", "bce") if cfg.classes == 2 else ("softmax", "cross_entropy")
     start = time.perf_counter()
@@ -111,7 +116,8 @@ def run_ours(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple[fl
     return elapsed, float(np.mean(model.predict(X) == y))
 
 
-def run_sklearn(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple[float, float]:
+def run_sklearn(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int,
+                threads: int | None = None) -> tuple[float, float]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
@@ -122,15 +128,26 @@ def run_sklearn(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple
         shuffle=True, random_state=0, tol=0.0, early_stopping=False,
         n_iter_no_change=epochs + 10, alpha=0.0,
     )
-    start = time.perf_counter()
-    with warnings.catch_warnings():
+    with threadpool_limits(limits=threads, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        start = time.perf_counter()
         clf.fit(X, y)
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
     return elapsed, float(clf.score(X, y))
 
 
-def run_torch(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple[float, float]:
+def run_torch(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int,
+              threads: int | None = None) -> tuple[float, float]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _torch_loop(cfg, X, y, epochs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torch_loop(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int) -> tuple[float, float]:
     nn = torch.nn
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -289,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"repeats={repeats} (interleaved, median), float32, Adam\n")
 
+    cores = os.cpu_count() or 1
     rows = []
     for cfg in CONFIGS:
         if cfg.key not in wanted:
@@ -303,21 +321,30 @@ def main(argv: list[str] | None = None) -> int:
             runners["torch"] = run_torch
         times: dict[str, list[float]] = {name: [] for name in [*runners, "floor"]}
         acc: dict[str, float] = {}
-        # Warm-up: imports, first-touch allocations, BLAS thread start-up.
-        for run in runners.values():
-            run(cfg, X, y, 1)
+        # Warm-up (imports, first-touch allocations, thread pools), and the peers' thread
+        # count: each runs with whichever of 1 thread and all cores is faster for it here.
+        threads = {"ours": blas_threads_for(cfg.batch or cfg.n, [X.shape[1], *cfg.hidden])}
+        probe = max(1, -(-epochs // 10))
+        run_ours(cfg, X, y, 1)
+        for name, run in runners.items():
+            if name == "ours":
+                continue
+            best = {}
+            for t in sorted({1, cores}):
+                run(cfg, X, y, 1, t)
+                best[t] = min(run(cfg, X, y, probe, t)[0] for _ in range(2))
+            threads[name] = min(best, key=best.get)
         run_floor(floor, 1, 1)
         for _ in range(repeats):
             for name, run in runners.items():
-                seconds, acc[name] = run(cfg, X, y, epochs)
+                seconds, acc[name] = run(cfg, X, y, epochs, threads[name])
                 times[name].append(seconds / epochs)
             times["floor"].append(
-                min(run_floor(floor, epochs, 1), run_floor(floor, epochs, os.cpu_count() or 1))
-                / epochs
+                min(run_floor(floor, epochs, 1), run_floor(floor, epochs, cores)) / epochs
             )
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        rows.append((cfg, epochs, med, acc))
-        print(format_row(cfg, epochs, med, acc), flush=True)
+        rows.append((cfg, epochs, med, acc, threads))
+        print(format_row(cfg, epochs, med, acc, threads), flush=True)
 
     print("\n" + table(rows))
     return 0
@@ -331,19 +358,22 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} us"
 
 
-def format_row(cfg: Config, epochs: int, med: dict, acc: dict) -> str:
+def format_row(cfg: Config, epochs: int, med: dict, acc: dict, threads: dict) -> str:
     times = ", ".join(f"{k} {_fmt_s(v)}" for k, v in med.items())
     accs = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-    return f"config {cfg.label()} x{epochs} epochs: {times} | train accuracy: {accs}"
+    used = ", ".join(f"{k} {v}" for k, v in threads.items())
+    return (f"config {cfg.label()} x{epochs} epochs: {times} | train accuracy: {accs} "
+            f"| threads: {used}")
 
 
 def table(rows: list) -> str:
     head = (
         f"{'config':<40} {'ours/ep':>9} {'sklearn/ep':>10} {'torch/ep':>9} {'floor/ep':>9}"
         f" {'skl/ours':>8} {'torch/ours':>10} {'ours/floor':>10}  accuracy ours/skl/torch"
+        f"  threads"
     )
     lines = [head, "-" * len(head)]
-    for cfg, _epochs, med, acc in rows:
+    for cfg, _epochs, med, acc, threads in rows:
         ours = med["ours"]
         skl = med.get("sklearn")
         trc = med.get("torch")
@@ -357,6 +387,7 @@ def table(rows: list) -> str:
             f"{(f'{trc / ours:.2f}x' if trc else '-'):>10}",
             f"{ours / med['floor']:>9.2f}x",
             " " + "/".join(f"{acc[k]:.3f}" for k in ("ours", "sklearn", "torch") if k in acc),
+            "  " + "/".join(str(threads[k]) for k in ("ours", "sklearn", "torch") if k in threads),
         ]
         lines.append(" ".join(cells))
     return "\n".join(lines)

@@ -259,8 +259,32 @@ def _tanh_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
     np.multiply(g, scratch, out=g)
 
 
+# numpy's maximum against a scalar takes a slow broadcasting loop: against an array of
+# zeros it runs 3x faster (2 us instead of 7 us on 256 x 64 float32). Past about a
+# million elements memory traffic dominates and the scalar form, which reads one array
+# instead of two, wins again.
+_ZEROS: dict[tuple, Array] = {}
+_ZEROS_MAX_SIZE = 1 << 20
+
+
+def _zeros_like(z: Array) -> Array:
+    """A cached read-only array of zeros of ``z``'s shape, dtype and memory order."""
+    order = "F" if z.flags.f_contiguous and not z.flags.c_contiguous else "C"
+    key = (z.shape, z.dtype.char, order)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        if len(_ZEROS) >= 32:
+            _ZEROS.clear()
+        zeros = _ZEROS[key] = np.zeros(z.shape, dtype=z.dtype, order=order)
+        zeros.flags.writeable = False
+    return zeros
+
+
 def _relu_into(z: Array, out: Array) -> None:
-    np.maximum(z, 0.0, out=out)
+    if z.size <= _ZEROS_MAX_SIZE:
+        np.maximum(z, _zeros_like(z), out=out)
+    else:
+        np.maximum(z, 0.0, out=out)
 
 
 def _relu_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:

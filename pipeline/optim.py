@@ -681,6 +681,7 @@ class Adam(Optimizer):
         self._m, self._v = self._mv[0], self._mv[1]
         b1, b2 = self.hyper["beta1"], self.hyper["beta2"]
         self._betas = np.array([[b1], [b2]], dtype=self._dtype)
+        self._one_minus_betas = np.array([[1.0 - b1], [1.0 - b2]], dtype=self._dtype)
         return self
 
     def _update(self, params: np.ndarray, g: np.ndarray, lr: float) -> None:
@@ -689,21 +690,21 @@ class Adam(Optimizer):
         # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g**2, the same arithmetic as one
         # moment at a time, on the stacked rows.
         inc = self._mv_inc
-        np.multiply(g, 1.0 - b1, out=inc[0])
-        np.multiply(g, g, out=inc[1])
-        inc[1] *= 1.0 - b2
+        # inc = [(1 - b1) g; (1 - b2) g * g]: one broadcast multiply, then one more.
+        np.multiply(g, self._one_minus_betas, out=inc)
+        inc[1] *= g
         self._mv *= self._betas
         self._mv += inc
         t = self.t
         bc1 = 1.0 - b1**t
-        bc2 = 1.0 - b2**t
-        # sqrt(v_hat) = sqrt(v) / sqrt(bc2): one scalar multiply instead of a division
-        # pass over v; lr / bc1 folds m_hat's correction into the final scale.
+        root_bc2 = math.sqrt(1.0 - b2**t)
+        # lr m_hat / (sqrt(v_hat) + eps) = (lr root_bc2 / bc1) m / (sqrt(v) + eps root_bc2):
+        # the bias corrections become two scalars, so the update is five passes over the
+        # parameters (PyTorch's form of the same expression).
         np.sqrt(v, out=tmp)
-        tmp *= 1.0 / math.sqrt(bc2)
-        tmp += eps
+        tmp += eps * root_bc2
         np.divide(m, tmp, out=tmp)
-        tmp *= lr / bc1
+        tmp *= lr * root_bc2 / bc1
         np.subtract(params, tmp, out=params)
 
 

@@ -31,11 +31,13 @@ Callback = Callable[[int, dict[str, float]], object]
 SATURATION_THRESHOLD = 0.05
 
 
-# BLAS threads pay off only when one matrix product is large: below about 2**25
-# multiply-adds the second thread's start-up and synchronisation cost more than it saves
-# (measured on the 2-core machine: 256x64x64 runs 2.5x slower on 2 threads, 1000x128x128
-# 1.5x faster; see benchmarks/README.md). Elementwise numpy work is single-threaded anyway.
+# BLAS threads pay off only when one matrix product is large: below about 2**27
+# multiply-adds the second thread's start-up and synchronisation cost more than it saves,
+# and on a busy machine far more (measured on the 2-core machine: 256x64x64 runs 2.5x
+# slower on 2 threads, 2000x256x256 1.5x faster; see benchmarks/README.md). Elementwise
+# numpy work is single-threaded anyway.
 PARALLEL_MIN_MACS = 2**27
+_CORES = os.cpu_count() or 1  # os.cpu_count() reads /sys: tens of microseconds a call
 
 
 def blas_threads_for(batch: int, widths: Sequence[int], cores: int | None = None) -> int:
@@ -56,7 +58,7 @@ def blas_threads_for(batch: int, widths: Sequence[int], cores: int | None = None
         1 when the largest matrix product of a step (``batch * fan_in * fan_out``
         multiply-adds) is below :data:`PARALLEL_MIN_MACS`, else all cores.
     """
-    cores = cores if cores is not None else (os.cpu_count() or 1)
+    cores = cores if cores is not None else _CORES
     largest = max(fi * fo for fi, fo in zip(widths[:-1], widths[1:], strict=True))
     return cores if batch * largest >= PARALLEL_MIN_MACS else 1
 
