@@ -30,9 +30,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from sklearn.datasets import make_blobs, make_circles, make_moons
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
 from pipeline.paths import project_root
 
@@ -203,6 +200,8 @@ def moons(n_samples: int = 500, noise: float = 0.2, seed: int = 0, *, classes: i
         ``X`` of shape (n_samples, 2), labels 0 and 1.
     """
     _check_classes("moons", classes, (2,))
+    from sklearn.datasets import make_moons  # imported here: config checks need no sklearn
+
     X, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)
     return _raw(X, y, 2, "sklearn.datasets.make_moons")
 
@@ -238,6 +237,8 @@ def circles(
     _check_classes("circles", classes, (2,))
     if not _is_real(factor) or not 0 < factor < 1:
         raise ValueError(f"dataset.factor={factor!r} is out of range; allowed: 0 < factor < 1")
+    from sklearn.datasets import make_circles
+
     X, y = make_circles(n_samples=n_samples, noise=noise, factor=float(factor), random_state=seed)
     return _raw(X, y, 2, "sklearn.datasets.make_circles")
 
@@ -377,6 +378,8 @@ def blobs(n_samples: int = 500, noise: float = 1.0, seed: int = 0, *, classes: i
         ``X`` of shape (n_samples, 2), labels in ``0..classes-1``.
     """
     k = _check_classes("blobs", classes, None)
+    from sklearn.datasets import make_blobs
+
     X, y = make_blobs(
         n_samples=n_samples, n_features=2, centers=k, cluster_std=noise, random_state=seed
     )
@@ -432,6 +435,11 @@ def linear(
 
 
 # --------------------------------------------------------------------------- CSV
+
+
+def _plain_scalar(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (messages show ``0``, not ``np.int64(0)``)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _row(index: int) -> str:
@@ -580,10 +588,10 @@ def load_csv(
     if len(values) < 2:
         raise ValueError(
             f"dataset.label_column={label_column!r} holds a single class "
-            f"({values[0]!r}) in {resolved}; at least 2 classes are needed"
+            f"({_plain_scalar(values[0])!r}) in {resolved}; at least 2 classes are needed"
         )
     # Plain Python scalars keep `classes` JSON-able for MLflow params and plot legends.
-    classes = tuple(v.item() if isinstance(v, np.generic) else v for v in values)
+    classes = tuple(_plain_scalar(v) for v in values)
     return RawData(
         X=np.ascontiguousarray(X),
         y=codes.reshape(-1).astype(np.int64),
@@ -903,6 +911,9 @@ def make_dataset(
             f"with dataset.test_fraction={test_fraction}; "
             f"need at least {needed}"
         )
+
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
 
     X_train, X_test, y_train, y_test = train_test_split(
         raw.X, raw.y, test_size=float(test_fraction), random_state=int(seed), stratify=raw.y

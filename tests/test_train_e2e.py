@@ -416,8 +416,6 @@ def test_divergence_through_train_py_fails_the_run_and_says_when(diverged):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py prints RunFailed with a full traceback (issue 6: "
-                   "end cleanly, one clear line); cli() should catch RunFailed")
 def test_divergence_through_train_py_prints_no_traceback(diverged):
     assert diverged.proc.returncode == 1
     assert "Traceback" not in diverged.proc.stderr, diverged.proc.stderr[-2000:]
