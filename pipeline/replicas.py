@@ -570,6 +570,10 @@ def fit_replicas(
     value_and_grad = model._value_and_grad
     # Thread choice as for one network whose layers are K times wider.
     widths = [model.sizes[0]] + [K * w for w in model.sizes[1:]]
+    # As in fit(): with full batches the loss of an unevaluated epoch comes nearly free
+    # with the next step, so divergence is dated the same whatever eval_every.
+    check_unevaluated = batch == n and eval_every > 1
+    evaluated_last = True
     with blas_threads(_resolve_threads(threads, batch, widths)):
         for epoch in range(1, epochs + 1):
             optimizer.set_epoch(epoch)
@@ -578,8 +582,15 @@ def fit_replicas(
                 lrs = np.array([s(epoch) for s in schedules])
                 optimizer.current_lr = lrs.astype(model.dtype)[model.replica_of]
             evaluate_now = epoch % eval_every == 0 or epoch == epochs
+            check_loss = check_unevaluated and not evaluated_last
+            evaluated_last = evaluate_now
             for k, (xb, tb) in enumerate(epoch_batches()):
-                value_and_grad(xb, tb, loss, False)
+                if check_loss:
+                    value = value_and_grad(xb, tb, loss, True)
+                    if not np.isfinite(value):
+                        raise DivergenceError(epoch - 1, f"loss became {value}")
+                else:
+                    value_and_grad(xb, tb, loss, False)
                 if evaluate_now and diagnostics and k == n_batches - 1:
                     previous[...] = params
                 optimizer.step(params, grad)

@@ -354,13 +354,27 @@ def fit(
     # checks of Optimizer.step can be skipped (unless a subclass has its own step).
     fast_step = fast and type(optimizer).step is _OPTIMIZER_STEP
     step = optimizer._step if fast_step else optimizer.step
+    # Full batch: the first (only) step of an epoch sees exactly the parameters the
+    # previous epoch ended with, so its loss, nearly free next to the forward pass it
+    # needs anyway, is the training loss an evaluation of that epoch would have found. A
+    # loss that overflows while the parameters stay finite is then reported in the epoch
+    # it appeared, whatever eval_every (with mini-batches, at the next evaluation).
+    check_unevaluated = batch == n and eval_every > 1
+    evaluated_last = True
     with blas_threads(_resolve_threads(threads, batch, model.sizes)):
         for epoch in range(1, epochs + 1):
             optimizer.set_epoch(epoch)
             evaluate_now = epoch % eval_every == 0 or epoch == epochs
             keep_previous = evaluate_now and diagnostics
+            check_loss = check_unevaluated and not evaluated_last
+            evaluated_last = evaluate_now
             for k, (xb, tb) in enumerate(epoch_batches()):
-                value_and_grad(xb, tb, loss, False)
+                if check_loss:
+                    value = value_and_grad(xb, tb, loss, True)
+                    if not np.isfinite(value):
+                        raise DivergenceError(epoch - 1, f"loss became {value}")
+                else:
+                    value_and_grad(xb, tb, loss, False)
                 if keep_previous and k == n_batches - 1:
                     # Kept to report the size of the epoch's last update relative to the
                     # weights.

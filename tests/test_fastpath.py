@@ -20,6 +20,7 @@ from pipeline.nn import MLP
 from pipeline.optim import OPTIMIZERS, make_optimizer
 from pipeline.trainer import (
     PARALLEL_MIN_MACS,
+    DivergenceError,
     blas_threads,
     blas_threads_for,
     current_blas_threads,
@@ -230,3 +231,22 @@ def test_bad_threads_setting_is_refused(bad):
     X, y = _data()
     with pytest.raises(ValueError, match="threads="):
         fit(MLP([3, 4, 1], seed=0), X, y, loss="bce", optimizer="sgd", epochs=1, threads=bad)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_full_batch_divergence_is_dated_the_same_whatever_eval_every(fast):
+    # Identity output with MSE and a huge learning rate: the outputs overflow the loss
+    # (float32 squares) while the parameters are still finite.
+    X, y = _data()
+
+    def diverged_at(every: int) -> int:
+        model = MLP([3, 8, 1], activation="relu", output="identity", seed=0, dtype="float32")
+        with pytest.raises(DivergenceError) as info:
+            fit(model, X * 10, y, loss="mse", optimizer=make_optimizer("sgd", lr=3.0),
+                epochs=200, eval_every=every, diagnostics=False, fast=fast)
+        return info.value.epoch
+
+    first = diverged_at(1)
+    assert diverged_at(7) == first
+    assert diverged_at(50) == first
