@@ -52,6 +52,7 @@ from pipeline.trainer import (
     DivergenceError,
     History,
     StopTraining,
+    _logit_loss,
     _positive_int,
     _resolve_threads,
     _ShuffledViews,
@@ -572,7 +573,7 @@ def fit_replicas(
     widths = [model.sizes[0]] + [K * w for w in model.sizes[1:]]
     # As in fit(): with full batches the loss of an unevaluated epoch comes nearly free
     # with the next step, so divergence is dated the same whatever eval_every.
-    check_unevaluated = batch == n and eval_every > 1
+    check_unevaluated = batch == n and eval_every > 1 and not _logit_loss(loss)
     evaluated_last = True
     with blas_threads(_resolve_threads(threads, batch, widths)):
         for epoch in range(1, epochs + 1):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.losses import Loss, get_loss, scores_to_proba
+from pipeline.losses import LOSSES, Loss, get_loss, scores_to_proba
 from pipeline.nn import MLP
 from pipeline.optim import Optimizer, make_optimizer
 
@@ -355,11 +355,13 @@ def fit(
     fast_step = fast and type(optimizer).step is _OPTIMIZER_STEP
     step = optimizer._step if fast_step else optimizer.step
     # Full batch: the first (only) step of an epoch sees exactly the parameters the
-    # previous epoch ended with, so its loss, nearly free next to the forward pass it
-    # needs anyway, is the training loss an evaluation of that epoch would have found. A
-    # loss that overflows while the parameters stay finite is then reported in the epoch
-    # it appeared, whatever eval_every (with mini-batches, at the next evaluation).
-    check_unevaluated = batch == n and eval_every > 1
+    # previous epoch ended with, so its loss, cheap next to the forward pass it needs
+    # anyway, is the training loss an evaluation of that epoch would have found. A loss
+    # that overflows while the parameters stay finite (squared errors of exploding
+    # outputs) is then reported in the epoch it appeared, whatever eval_every (with
+    # mini-batches, at the next evaluation). The losses computed from the logits (bce,
+    # cross_entropy, hinge) stay finite while the outputs do, so they skip the check.
+    check_unevaluated = batch == n and eval_every > 1 and not _logit_loss(loss)
     evaluated_last = True
     with blas_threads(_resolve_threads(threads, batch, model.sizes)):
         for epoch in range(1, epochs + 1):
@@ -436,6 +438,11 @@ def fit(
     if best_params is not None:
         model.set_params(best_params)
     return history
+
+
+def _logit_loss(loss: Loss) -> bool:
+    """A registered loss that is finite wherever the network's outputs are finite."""
+    return loss.name in ("bce", "cross_entropy", "hinge") and LOSSES.get(loss.name) is loss
 
 
 def _evaluate(forward, model: MLP, X: Array, T: Array, labels: Array, loss: Loss):
