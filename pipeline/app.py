@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipeline.data import Dataset, make_dataset
 from pipeline.nn import MLP
 from pipeline.optim import make_optimizer
 from pipeline.progress import ProgressBar, want_progress
+from pipeline.replicas import fit_replicas, replicas_from_config
 from pipeline.trainer import DivergenceError, History, fit
 
 log = logging.getLogger(__name__)
@@ -175,13 +177,13 @@ def build_model(config: Mapping[str, Any], dataset: Dataset) -> MLP:
     )
 
 
-def _raw_proba(model: MLP, dataset: Dataset):
+def _raw_proba(predict_proba, dataset: Dataset):
     """``predict_proba`` on inputs in the data's own units (plots show real coordinates)."""
 
-    def predict_proba(X: np.ndarray) -> np.ndarray:
-        return model.predict_proba(dataset.transform(X))
+    def predict_raw(X: np.ndarray) -> np.ndarray:
+        return predict_proba(dataset.transform(X))
 
-    return predict_proba
+    return predict_raw
 
 
 def run(
@@ -254,7 +256,12 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
             )
 
     history = History()
-    predict_raw = _raw_proba(model, dataset)
+    replica_table = None
+    n_replicas = int(tcfg.get("replicas") or 1)
+    replicas = replicas_from_config(model, n_replicas) if n_replicas > 1 else None
+    # With replicas the pictures during training show their mean prediction.
+    predict_raw = _raw_proba(replicas.mean_predict_proba if replicas else model.predict_proba,
+                             dataset)
     animation = None
     before = None
     bar = None
@@ -284,13 +291,20 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
         with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            fit(
-                model, dataset.X_train, dataset.y_train,
+            threads = tcfg.get("threads")
+            trainer = (partial(fit_replicas, replicas, learning_rates=tcfg.get("replica_lrs"))
+                       if replicas else partial(fit, model))
+            trained = trainer(
+                dataset.X_train, dataset.y_train,
                 loss=model.loss, optimizer=optimizer, epochs=tcfg["epochs"],
                 batch_size=tcfg["batch_size"], seed=tcfg["seed"],
                 X_val=dataset.X_test, y_val=dataset.y_test, callbacks=callbacks,
                 eval_every=tcfg["eval_every"], patience=tcfg["patience"],
+                threads="auto" if threads in (None, "auto") else int(threads),
             )
+            history.best_epoch, history.stopped_early = trained.best_epoch, trained.stopped_early
+            if replicas is not None:
+                replica_table = trained.final_table()
     except DivergenceError as exc:
         status, reason, error = "FAILED", str(exc), exc
     except KeyboardInterrupt as exc:
@@ -302,13 +316,16 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         if bar is not None:
             bar.close()
 
+    if replicas is not None:
+        # Replica 0 is the run replicas=1 would make: it stands for the run as its model.
+        model.set_params(replicas.replica_params(0))
     metrics = history.last()
     spool = None
     if tracker is not None:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
-                             before, animation, status, name)
+                             before, animation, status, name, replicas, replica_table)
         except KeyboardInterrupt as exc:
             # A (second) Ctrl-C or a SIGTERM while saving: skip the remaining artifacts,
             # end the run with the metrics it has, and exit.
@@ -396,6 +413,17 @@ def _boundary_figure(predict_raw, dataset: Dataset, title: str):
     )
 
 
+def _replica_figure(replicas, dataset: Dataset, title: str):
+    from pipeline.plots import plot_replica_boundary
+
+    return plot_replica_boundary(
+        lambda X: replicas.predict_proba(dataset.transform(X)),
+        dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
+        title=f"{title} (mean of {replicas.n_replicas} replicas)",
+        class_names=[str(c) for c in dataset.classes], feature_names=dataset.feature_names,
+    )
+
+
 def _run_gradcheck(model: MLP, dataset: Dataset, tracker, echo: bool) -> None:
     from pipeline.gradcheck import gradcheck
 
@@ -422,7 +450,7 @@ def _thread_limit(setting: object, parallel: bool) -> Iterator[None]:
 
 
 def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, before,
-                 animation, status, name) -> None:
+                 animation, status, name, replicas=None, replica_table=None) -> None:
     """Every artifact of the run, for the state the model reached."""
     import matplotlib
 
@@ -433,12 +461,14 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
     with timer("plots"):
         if before is not None:
             tracker.log_figure(before, "plots/boundary_before.png")
-        if not diverged:
-            tracker.log_figure(
-                _boundary_figure(predict_raw, dataset, f"{name}: after {len(history)} epochs"
-                                 if status == "FINISHED" else f"{name}: {status.lower()}"),
-                "plots/boundary_after.png",
-            )
+        title = (f"{name}: after {len(history)} epochs" if status == "FINISHED"
+                 else f"{name}: {status.lower()}")
+        if replicas is not None and not diverged:
+            tracker.log_figure(_replica_figure(replicas, dataset, title),
+                               "plots/boundary_after.png")
+        elif not diverged:
+            tracker.log_figure(_boundary_figure(predict_raw, dataset, title),
+                               "plots/boundary_after.png")
         if len(history):
             tracker.log_figure(
                 plot_training_curves(history.metrics, history.epochs, title=name,
@@ -456,6 +486,12 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
                    "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
                    **history.last()}
         tracker.log_dict(summary, "summary.json")
+        if replica_table:
+            import pandas as pd
+
+            table = pd.DataFrame(replica_table)
+            table.insert(1, "seed", [replicas.seeds[k] for k in table["replica"]])
+            tracker.log_text(table.to_csv(index=False), "replicas.csv")
         if status != "FAILED" and not diverged and config["tracking"].get("log_model", True):
             raw_model = model.with_input_scaling(dataset.mean, dataset.std)
             tracker.log_model(

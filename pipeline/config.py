@@ -230,6 +230,9 @@ class TrainerConfig:
     patience: int | None = None  # early stopping on test loss; null = off
     gradcheck: bool = False  # finite-difference gradient check before training
     replicas: int = 1  # independent copies of the run, >= 1
+    # One base learning rate per replica (a learning-rate comparison in one run); null =
+    # optimizer.lr for every replica.
+    replica_lrs: list[float] | None = None
     progress: Any = "auto"  # auto (terminal only), true or false
     animation_frames: int = 40  # frames of the decision-boundary GIF, >= 1
     threads: Any = "auto"  # BLAS threads: auto or an integer >= 1
@@ -1166,6 +1169,14 @@ def _validate_trainer(t: Mapping[str, Any], d: Mapping[str, Any]) -> None:
     if not isinstance(t["gradcheck"], bool):
         raise ConfigError("trainer.gradcheck", t["gradcheck"], "must be true or false")
     _int_at_least("trainer.replicas", t["replicas"], 1)
+    lrs = t.get("replica_lrs")
+    if lrs is not None:
+        if len(lrs) != t["replicas"] or any(not _is_num(v) or not 0 < v < math.inf for v in lrs):
+            raise ConfigError(
+                "trainer.replica_lrs", list(lrs),
+                f"must be null or {t['replicas']} positive learning rates, one per replica "
+                "(trainer.replicas)",
+            )
     if t["progress"] not in ("auto", True, False) or _is_int(t["progress"]):
         raise ConfigError("trainer.progress", t["progress"], "must be auto, true or false")
     _int_at_least("trainer.animation_frames", t["animation_frames"], 1)

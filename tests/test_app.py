@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import app
@@ -277,3 +278,36 @@ def test_reason_of_a_failed_run_names_the_epoch(config):
         app.run(config("tracking=none", "trainer.epochs=50", *DIVERGING), echo=False)
     assert re.fullmatch(r"\w[\w ]* became \w+ at epoch \d+; try a smaller optimizer\.lr",
                         str(info.value)), str(info.value)
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def test_replicated_run_logs_mean_spread_table_and_replica_plot(config, tracking_env, tmp_path):
+    result = app.run(config("trainer.epochs=8", "trainer.replicas=3", *LIGHT), echo=False)
+
+    assert result.status == "FINISHED"
+    run = tracking_env.client().get_run(result.run_id)
+    # Mean under fit()'s keys, spread under key/std, one point per epoch.
+    for key in ("test/accuracy", "test/accuracy/std", "train/loss", "train/loss/std"):
+        history = tracking_env.client().get_metric_history(result.run_id, key)
+        assert [m.step for m in history] == list(range(1, 9)), key
+    assert run.data.metrics["train/loss/std"] > 0  # three seeds do not agree exactly
+    path = tracking_env.client().download_artifacts(result.run_id, "replicas.csv", str(tmp_path))
+    table = pd.read_csv(path)
+    assert table["replica"].tolist() == [0, 1, 2]
+    assert table["seed"].tolist() == [0, 1, 2]
+    # The logged mean equals the mean of the per-replica final values.
+    assert run.data.metrics["test/loss"] == pytest.approx(table["test/loss"].mean(), rel=1e-5)
+    names = {a.path for a in tracking_env.client().list_artifacts(result.run_id, "plots")}
+    assert "plots/boundary_after.png" in names
+    # Replica 0 is the run replicas=1 makes: same seed, same data, same batches.
+    single = app.run(config("trainer.epochs=8", "tracking=none"), echo=False)
+    assert table.loc[0, "test/loss"] == pytest.approx(single.metrics["test/loss"], rel=1e-4)
+
+
+def test_replica_learning_rates_train_each_replica_with_its_own(config):
+    result = app.run(config("trainer.epochs=5", "trainer.replicas=2", "tracking=none",
+                            "trainer.replica_lrs=[0.001,0.1]"), echo=False)
+    assert result.status == "FINISHED"
+    assert result.metrics["lr"] == pytest.approx((0.001 + 0.1) / 2)

@@ -280,6 +280,8 @@ def test_sweep_presets_hold_sweeper_params(name):
 
 # (overrides, the key the one-line message must start with)
 BAD_INPUTS = [
+    (["trainer.replicas=2", "trainer.replica_lrs=[0.1]"], "trainer.replica_lrs"),
+    (["trainer.replicas=2", "trainer.replica_lrs=[0.1,-1]"], "trainer.replica_lrs"),
     (["+trainer.epoch=5"], "trainer.epoch"),
     (["trainer.epoch=5"], "trainer.epoch"),
     (["+model.dropout=0.5"], "model.dropout"),
