@@ -89,7 +89,7 @@ def test_defaults_compose_and_validate(default_cfg):
 def test_default_keys_are_the_documented_ones(default_cfg):
     assert set(default_cfg.trainer) == {
         "epochs", "batch_size", "seed", "dtype", "eval_every", "patience", "gradcheck",
-        "replicas", "progress", "animation_frames", "threads",
+        "replicas", "replica_lrs", "progress", "animation_frames", "threads",
     }
     assert set(default_cfg.model) == {
         "hidden_sizes", "activation", "activation_params", "output", "loss", "init", "bias",
