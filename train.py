@@ -175,9 +175,9 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def _exit_at_once(status: int) -> None:
-    """Leave after Ctrl-C or SIGTERM without the interpreter's teardown of every loaded
-    module (a second or two with MLflow and matplotlib loaded): exit hooks (the tracker's,
-    logging's) still run and the output is flushed."""
+    """Leave without the interpreter's teardown of every loaded module (a second or two
+    with MLflow and matplotlib loaded): exit hooks (the tracker's, logging's, joblib's)
+    still run and the output is flushed."""
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -185,7 +185,6 @@ def _exit_at_once(status: int) -> None:
 
 
 if __name__ == "__main__":
-    status = cli()
-    if status > 128:  # interrupted: the run is already recorded KILLED
-        _exit_at_once(status)
-    sys.exit(status)
+    # Every run is recorded and flushed by now; skipping the interpreter's module teardown
+    # saves about a second of a few-second run (exit hooks still run).
+    _exit_at_once(cli())

@@ -145,6 +145,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), to report start-up time; else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        # Field 22 of /proc/<pid>/stat is the start time in clock ticks after boot; the
+        # fields after the command name start at field 3.
+        return uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
@@ -196,6 +210,7 @@ def run(
     tags: Mapping[str, str] | None = None,
     parallel: bool = False,
     echo: bool = True,
+    startup_seconds: float | None = None,
 ) -> RunResult:
     """Train and track one job described by a validated, resolved config.
 
@@ -219,6 +234,9 @@ def run(
         True inside a parallel sweep: no progress bar, one BLAS thread.
     echo : bool
         Print the final summary.
+    startup_seconds : float, optional
+        Time from process start to this call (imports, config composition), reported
+        as ``time/startup`` with the other phases.
 
     Raises
     ------
@@ -230,6 +248,8 @@ def run(
         saved skips the remaining artifacts; the run still ends KILLED.
     """
     timer = _Timer()
+    if startup_seconds is not None:
+        timer.seconds["startup"] = startup_seconds
     tcfg, trk = config["trainer"], config["tracking"]
     with _sigterm_as_interrupt():
         try:
@@ -303,6 +323,9 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 threads="auto" if threads in (None, "auto") else int(threads),
             )
             history.best_epoch, history.stopped_early = trained.best_epoch, trained.stopped_early
+            # Both are part of time/train: what of it went to evaluating and to callbacks.
+            timer.seconds["evaluation"] = trained.eval_seconds
+            timer.seconds["callbacks"] = trained.callback_seconds
             if replicas is not None:
                 replica_table = trained.final_table()
     except DivergenceError as exc:
@@ -571,6 +594,8 @@ def main(cfg: Any) -> float | None:
             plain["tracking"]["uri"] = sweep.tracking_uri
         kwargs = {"parent_run_id": sweep.parent_run_id, "experiment_id": sweep.experiment_id,
                   "tags": {"sweep.job": str(job_num), "sweep.name": sweep.name}}
+    if not multirun:  # in a sweep, a worker's age says nothing about this job
+        kwargs["startup_seconds"] = process_age()
     try:
         result = run(plain, overrides=overrides, output_dir=output_dir, parallel=parallel,
                      **kwargs)

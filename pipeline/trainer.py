@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -152,12 +153,17 @@ class History:
         Whether early stopping (or a callback) ended training before ``epochs``.
     best_epoch : int or None
         Epoch of the lowest validation loss, when a validation set was given.
+    eval_seconds, callback_seconds : float
+        Wall time spent evaluating and in callbacks, so that a run's timing breakdown can
+        tell them from the training steps.
     """
 
     epochs: list[int] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
     stopped_early: bool = False
     best_epoch: int | None = None
+    eval_seconds: float = 0.0
+    callback_seconds: float = 0.0
 
     def append(self, epoch: int, values: dict[str, float]) -> None:
         self.epochs.append(epoch)
@@ -387,6 +393,7 @@ def fit(
             if not evaluate_now:
                 continue
 
+            eval_started = time.perf_counter()
             metrics: dict[str, float] = {}
             Zs, As = forward(X)
             train_loss = loss.value(Zs[-1], As[-1], T)
@@ -415,6 +422,7 @@ def fit(
                     metrics[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
                 metrics.update(unit_fractions)
             history.append(epoch, metrics)
+            history.eval_seconds += time.perf_counter() - eval_started
 
             stop = False
             if has_val:
@@ -426,11 +434,13 @@ def fit(
                 else:
                     stale += 1
                     stop = patience is not None and stale >= patience
+            callbacks_started = time.perf_counter()
             for callback in callbacks:
                 try:
                     callback(epoch, metrics)
                 except StopTraining:
                     stop = True
+            history.callback_seconds += time.perf_counter() - callbacks_started
             if stop and epoch < epochs:
                 history.stopped_early = True
                 break
