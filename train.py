@@ -55,6 +55,11 @@ def _run_error(exc: BaseException) -> str | None:
     return None
 
 
+#: True once a single (not multirun) job has run in this process: only then may the
+#: process skip the interpreter's teardown, which multirun launchers' pools rely on.
+_single_run = False
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Validate the composed config and run one training job; return its objective.
@@ -63,6 +68,10 @@ def main(cfg: DictConfig) -> float | None:
     Errors are raised, never turned into ``SystemExit`` here: in a multirun one bad job
     must not end the sweep.
     """
+    global _single_run
+    from hydra.core.hydra_config import HydraConfig
+
+    _single_run = HydraConfig.get().mode.name == "RUN"
     validate(cfg)
     # Imported lazily: a bad config fails fast without loading numpy/MLflow, and config
     # errors are reported even if the app cannot be imported.
@@ -185,6 +194,10 @@ def _exit_at_once(status: int) -> None:
 
 
 if __name__ == "__main__":
-    # Every run is recorded and flushed by now; skipping the interpreter's module teardown
-    # saves about a second of a few-second run (exit hooks still run).
-    _exit_at_once(cli())
+    status = cli()
+    if status > 128 or _single_run:
+        # The run is recorded and flushed: skipping the interpreter's module teardown saves
+        # about a second of a few-second run. Not after a sweep: joblib's and submitit's
+        # pools must shut down the normal way (threads joined before the exit hooks).
+        _exit_at_once(status)
+    sys.exit(status)

@@ -330,14 +330,7 @@ def test_divergence_through_train_py_ends_failed_with_what_it_reached(
     assert summary["status"] == "FAILED" and summary["epochs_run"] == epoch - 1
 
 
-@pytest.mark.parametrize("eval_every", [
-    1,
-    pytest.param(10, marks=pytest.mark.xfail(strict=False, reason=(
-        "engine: fit() computes the loss only on evaluated epochs, so with eval_every > 1 a "
-        "loss that overflows while the parameters stay finite is reported at the next "
-        "evaluation, not in the epoch it appears (pipeline/trainer.py, performance "
-        "teammate)"))),
-])
+@pytest.mark.parametrize("eval_every", [1, 10])
 def test_divergence_is_detected_in_the_epoch_it_appears(config, eval_every):
     """The epoch named must not depend on how often the run is evaluated."""
     from pipeline import app
