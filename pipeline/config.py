@@ -587,78 +587,38 @@ def as_config_error(
 
 
 # ======================================================================================
-# Registries, imported lazily: the engine may not be importable yet (or may be broken,
-# in which case the import error is a real error and propagates).
+# Registries, imported lazily: a config error is reported without loading numpy's
+# heavier users (and the registries are the one source of the names users may type).
 # ======================================================================================
-# The names of the contract (CONTRACT.md), used only while a module does not exist yet.
-_FALLBACK_NAMES: dict[str, tuple[str, ...]] = {
-    "activations": (
-        "identity",
-        "sigmoid",
-        "tanh",
-        "relu",
-        "leaky_relu",
-        "elu",
-        "gelu",
-        "softplus",
-        "softmax",
-    ),
-    "losses": ("mse", "half_sse", "bce", "cross_entropy", "hinge"),
-    "init": ("normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal"),
-    "optim": ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"),
-    "schedules": ("constant", "step", "exponential", "cosine", "inverse_scaling"),
-    "data": ("moons", "circles", "xor", "quadrants", "spirals", "blobs", "linear", "csv"),
+_REGISTRIES = {
+    "activations": ("activations", "ACTIVATIONS"),
+    "losses": ("losses", "LOSSES"),
+    "init": ("init", "INITIALIZERS"),
+    "optim": ("optim", "OPTIMIZERS"),
+    "schedules": ("optim", "SCHEDULES"),
+    "data": ("data", "DATASETS"),
 }
-_OUTPUT_ONLY_FALLBACK = ("softmax",)
-_LOSS_OUTPUTS_FALLBACK: dict[str, tuple[str, ...] | None] = {
-    "mse": None,
-    "half_sse": None,
-    "bce": ("sigmoid",),
-    "cross_entropy": ("softmax",),
-    "hinge": ("identity", "tanh"),
-}
-
-
-def _module(name: str) -> Any | None:
-    import importlib
-
-    try:
-        return importlib.import_module(f"pipeline.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"pipeline.{name}":
-            return None
-        raise
 
 
 def _names(kind: str) -> tuple[str, ...]:
-    """Known names of one registry: the live registry when importable, else the contract's."""
-    table = {
-        "activations": ("activations", "ACTIVATIONS"),
-        "losses": ("losses", "LOSSES"),
-        "init": ("init", "INITIALIZERS"),
-        "optim": ("optim", "OPTIMIZERS"),
-        "schedules": ("optim", "SCHEDULES"),
-        "data": ("data", "DATASETS"),
-    }
-    module_name, attr = table[kind]
-    module = _module(module_name)
-    if module is None or not hasattr(module, attr):
-        return _FALLBACK_NAMES[kind]
-    return tuple(getattr(module, attr))
+    """Known names of one registry (``ACTIVATIONS``, ``LOSSES``, ``OPTIMIZERS``, ...)."""
+    import importlib
+
+    module_name, attr = _REGISTRIES[kind]
+    return tuple(getattr(importlib.import_module(f"pipeline.{module_name}"), attr))
 
 
 def _hidden_activations() -> tuple[str, ...]:
-    module = _module("activations")
-    if module is None:
-        return tuple(n for n in _FALLBACK_NAMES["activations"] if n not in _OUTPUT_ONLY_FALLBACK)
-    return tuple(n for n, a in module.ACTIVATIONS.items() if not getattr(a, "output_only", False))
+    from pipeline.activations import HIDDEN_ACTIVATIONS
+
+    return HIDDEN_ACTIVATIONS
 
 
 def _loss_outputs(loss: str) -> tuple[str, ...] | None:
-    module = _module("losses")
-    if module is None or loss not in getattr(module, "LOSSES", {}):
-        return _LOSS_OUTPUTS_FALLBACK.get(loss)
-    return module.LOSSES[loss].outputs
+    """Output activations ``loss`` is defined on (None: any), or None for an unknown loss."""
+    from pipeline.losses import LOSSES
+
+    return LOSSES[loss].outputs if loss in LOSSES else None
 
 
 # ======================================================================================
@@ -995,13 +955,9 @@ def _validate_dataset(d: Mapping[str, Any]) -> None:
 
 def _min_samples(k: int, test_fraction: float) -> int:
     """Smallest n whose stratified split has >= k rows in each split (as pipeline.data)."""
-    data = _module("data")
-    if data is not None and hasattr(data, "min_samples"):
-        return int(data.min_samples(k, test_fraction))
-    n = 2 * k
-    while not (math.ceil(test_fraction * n) >= k and n - math.ceil(test_fraction * n) >= k):
-        n += 1
-    return n
+    from pipeline.data import min_samples
+
+    return int(min_samples(k, test_fraction))
 
 
 def _validate_csv(d: Mapping[str, Any]) -> None:
@@ -1099,10 +1055,11 @@ def _check_head(output: str, loss: str, n_classes: int | None, losses: Sequence[
             f"does not fit the {out} output layer ({lossname} needs {' or '.join(fits)}); "
             f"with {out} use one of {', '.join(good)}, or set model.output={fits[0]}",
         )
-    module = _module("losses")
-    if module is not None and lossname in getattr(module, "LOSSES", {}):
+    from pipeline.losses import LOSSES
+
+    if lossname in LOSSES:
         try:
-            module.LOSSES[lossname].check_output(out, n_units)
+            LOSSES[lossname].check_output(out, n_units)
         except ValueError as exc:
             raise ConfigError("model.loss", loss, str(exc)) from None
 
@@ -1130,9 +1087,10 @@ def _validate_optimizer(o: Mapping[str, Any]) -> None:
         "cosine": ("t_max", "min_lr"),
         "inverse_scaling": ("power_t",),
     }
-    optim = _module("optim")
-    if optim is not None and schedule in getattr(optim, "SCHEDULES", {}):
-        uses[schedule] = tuple(optim.SCHEDULES[schedule].defaults)
+    from pipeline.optim import SCHEDULES
+
+    if schedule in SCHEDULES:
+        uses[schedule] = tuple(SCHEDULES[schedule].defaults)
     sp = o.get("schedule_params") or {}
     for key, v in sp.items():
         full = f"optimizer.schedule_params.{key}"
