@@ -505,6 +505,10 @@ class _Workspace:
         order = _layout(n, widths)
         self.n = n
         self.order = order
+        self.fold = order == "F" and model.bias and n * max(widths) >= FOLD_MIN_ELEMENTS
+        if self.fold:
+            self._init_folded(model)
+            return
 
         def buf(w: int) -> Array:
             return np.empty((n, w), dtype=dt, order=order)
@@ -555,8 +559,102 @@ class _Workspace:
                             self.S[i - 1], rule)
             self.back.append((i, self.G[i], model._grad_weights[i], gbiases[i], prop))
 
+    def _init_folded(self, model: MLP) -> None:
+        """Buffers of the long-batch layout with the biases folded into the products.
+
+        Every layer's input is kept with a trailing column of ones, ``[A_{l-1}, 1]``, so
+        ``Z_l = [A_{l-1}, 1] @ [W_l; b_l]`` adds the bias inside the product and
+        ``[A_{l-1}, 1].T @ delta_l`` gives ``dW_l`` and ``db_l`` in one product: two
+        passes over an ``(n, fan_out)`` array fewer per layer. In column-major order the
+        first ``fan_in`` columns of ``[A_{l-1}, 1]`` are a contiguous array, so ``A_{l-1}``
+        is written there directly. ``[W_l; b_l]`` is packed (and the gradient unpacked)
+        with small copies, which cost little next to the passes saved on long batches.
+        """
+        n, dt = self.n, model.dtype
+        sizes, acts = model.sizes, model.activations
+        widths = sizes[1:]
+        L = len(widths)
+
+        def buf(w: int) -> Array:
+            return np.empty((n, w), dtype=dt, order="F")
+
+        self.Ain = []
+        for fan_in in sizes[:-1]:
+            a = buf(fan_in + 1)
+            a[:, fan_in] = 1.0
+            self.Ain.append(a)
+        self.Z, self.A = [], [None]
+        for i, (w, act) in enumerate(zip(widths, acts, strict=True)):
+            if i < L - 1:
+                a = self.Ain[i + 1][:, :w]
+                z = a if act.name in ("identity", "relu") else buf(w)
+            else:
+                z = buf(w)
+                a = z if act.name == "identity" else buf(w)
+            self.Z.append(z)
+            self.A.append(a)
+        self.G = [buf(w) for w in widths]
+        # The hidden layers' backward rules run on column blocks small enough for the
+        # cache (about 1 MB: the mask and the product then never make a round trip to
+        # memory, 22 -> 12 ms for relu on 100,000 x 256), with one block-sized scratch.
+        cols = max(1, FOLD_BLOCK_ELEMENTS // n)
+        scratch = buf(cols)
+        self.S = [None] * len(widths[:-1])
+        self.x_in = self.Ain[0][:, : sizes[0]]
+        self.layers = []
+        self.back = []
+        for i, (W, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+            fan_in = W.shape[0]
+            Wb = np.empty((fan_in + 1, W.shape[1]), dtype=dt)
+            fwd = None if acts[i].name == "identity" else _forward_fn(acts[i])
+            self.layers.append((W, b, Wb[:fan_in], Wb[fan_in], Wb, self.Ain[i], self.Z[i],
+                                self.A[i + 1], fwd))
+        for i in reversed(range(L)):
+            W = model.weights[i]
+            dWb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=dt)
+            prop = None
+            if i > 0:
+                act = acts[i - 1]
+                rule = None
+                if act.name != "identity":
+                    rule = _blocked_rule(_backward_fn(act), self.Z[i - 1], self.A[i],
+                                         self.G[i - 1], scratch)
+                if W.shape[1] == 1:
+                    prop = (np.multiply, W[:, 0], self.G[i - 1], rule)
+                else:
+                    prop = (np.matmul, W.T, self.G[i - 1], rule)
+            self.back.append((self.Ain[i].T, self.G[i], dWb, dWb[: W.shape[0]],
+                              dWb[W.shape[0]], model._grad_weights[i], model._grad_biases[i],
+                              prop))
+
+    def _forward_folded(self, X: Array) -> None:
+        self.A[0] = X
+        np.copyto(self.x_in, X)
+        copyto, matmul = np.copyto, np.matmul
+        for W, b, Wb_w, Wb_b, Wb, Ain, Z, A, fwd in self.layers:
+            copyto(Wb_w, W)
+            copyto(Wb_b, b)
+            matmul(Ain, Wb, out=Z)
+            if fwd is not None:
+                fwd(Z, A)
+
+    def _backward_folded(self) -> None:
+        copyto, dot = np.copyto, np.dot
+        for AinT, G, dWb, dWb_w, dWb_b, dW, db, prop in self.back:
+            dot(AinT, G, out=dWb)
+            copyto(dW, dWb_w)
+            copyto(db, dWb_b)
+            if prop is not None:
+                product, W, G_prev, rule = prop
+                product(G, W, out=G_prev)
+                if rule is not None:
+                    rule()
+
     def forward(self, X: Array) -> None:
         """Run the forward pass on ``X`` (``n`` rows) into ``Z`` and ``A``."""
+        if self.fold:
+            self._forward_folded(X)
+            return
         self.A[0] = prev = X
         add = np.add
         for mm, W, b, Z, A, fwd in self.layers:
@@ -569,6 +667,9 @@ class _Workspace:
 
     def backward(self) -> None:
         """Fill the model's flat gradient from ``G[-1] = dLoss/dZ_L`` by the chain rule."""
+        if self.fold:
+            self._backward_folded()
+            return
         A, ones, dot = self.A, self.ones, np.dot
         for i, G, dW, db, prop in self.back:
             dot(A[i].T, G, out=dW)
@@ -580,6 +681,31 @@ class _Workspace:
                 product(G, W, out=G_prev)
                 if rule is not None:
                     rule(Z_prev, A_prev, G_prev, S_prev)
+
+
+# Biases are folded into the products (see _Workspace._init_folded) when a long-batch
+# layer holds at least this many values: there the passes saved outweigh the packing
+# copies, while on small networks every extra call would cost more than it saves.
+FOLD_MIN_ELEMENTS = 2**20
+
+
+FOLD_BLOCK_ELEMENTS = 2**18
+
+
+def _blocked_rule(rule, Z: Array, A: Array, G: Array, scratch: Array):
+    """``rule(Z, A, G, S)`` as a closure over column blocks of column-major arrays."""
+    cols = scratch.shape[1]
+    blocks = [
+        (Z[:, j : j + cols], A[:, j : j + cols], G[:, j : j + cols],
+         scratch[:, : min(cols, Z.shape[1] - j)])
+        for j in range(0, Z.shape[1], cols)
+    ]
+
+    def run() -> None:
+        for z, a, g, s in blocks:
+            rule(z, a, g, s)
+
+    return run
 
 
 def _layout(n: int, widths: Sequence[int]) -> str:
