@@ -617,11 +617,19 @@ class _Workspace:
                 act = acts[i - 1]
                 rule = None
                 if act.name != "identity":
-                    rule = _blocked_rule(_backward_fn(act), self.Z[i - 1], self.A[i],
-                                         self.G[i - 1], scratch)
-                if W.shape[1] == 1:
-                    prop = (np.multiply, W[:, 0], self.G[i - 1], rule)
+                    rule = _backward_fn(act)
+                if W.shape[1] == 1 and rule is not None:
+                    # The outer product G_l w_l^T made block by block too, so that each
+                    # block is still in the cache when the rule multiplies it.
+                    prop = (None, None, None, _blocked_rule(
+                        rule, self.Z[i - 1], self.A[i], self.G[i - 1], scratch,
+                        outer=(self.G[i], W[:, 0])))
+                elif W.shape[1] == 1:
+                    prop = (np.multiply, W[:, 0], self.G[i - 1], None)
                 else:
+                    if rule is not None:
+                        rule = _blocked_rule(rule, self.Z[i - 1], self.A[i], self.G[i - 1],
+                                             scratch)
                     prop = (np.matmul, W.T, self.G[i - 1], rule)
             self.back.append((self.Ain[i].T, self.G[i], dWb, dWb[: W.shape[0]],
                               dWb[W.shape[0]], model._grad_weights[i], model._grad_biases[i],
@@ -646,7 +654,8 @@ class _Workspace:
             copyto(db, dWb_b)
             if prop is not None:
                 product, W, G_prev, rule = prop
-                product(G, W, out=G_prev)
+                if product is not None:
+                    product(G, W, out=G_prev)
                 if rule is not None:
                     rule()
 
@@ -692,17 +701,25 @@ FOLD_MIN_ELEMENTS = 2**20
 FOLD_BLOCK_ELEMENTS = 2**18
 
 
-def _blocked_rule(rule, Z: Array, A: Array, G: Array, scratch: Array):
-    """``rule(Z, A, G, S)`` as a closure over column blocks of column-major arrays."""
+def _blocked_rule(rule, Z: Array, A: Array, G: Array, scratch: Array, outer=None):
+    """``rule(Z, A, G, S)`` as a closure over column blocks of column-major arrays.
+
+    With ``outer=(g, w)`` each block of ``G`` is first set to ``g * w`` (the outer
+    product of a one-unit layer's delta ``g`` of shape ``(n, 1)`` and its weights ``w``).
+    """
     cols = scratch.shape[1]
     blocks = [
         (Z[:, j : j + cols], A[:, j : j + cols], G[:, j : j + cols],
-         scratch[:, : min(cols, Z.shape[1] - j)])
+         scratch[:, : min(cols, Z.shape[1] - j)], None if outer is None else outer[1][j : j + cols])
         for j in range(0, Z.shape[1], cols)
     ]
+    multiply = np.multiply
+    g_out = None if outer is None else outer[0]
 
     def run() -> None:
-        for z, a, g, s in blocks:
+        for z, a, g, s, w in blocks:
+            if w is not None:
+                multiply(g_out, w, out=g)
             rule(z, a, g, s)
 
     return run
