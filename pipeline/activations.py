@@ -294,10 +294,31 @@ def _relu_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
     np.multiply(g, scratch, out=g)
 
 
+# Up to this many columns, a reduction along rows runs as one elementwise call per
+# column: numpy's reductions along a short last axis cost about 20 ns a row (10 us on
+# 256 rows of 4), the column calls under 1 us each.
+ROW_REDUCE_MAX_COLUMNS = 7
+
+
+def row_reduce(ufunc: np.ufunc, z: Array) -> Array:
+    """``ufunc.reduce(z, axis=1, keepdims=True)`` for a 2-D ``z``, the same numbers.
+
+    For narrow ``z`` the columns are combined left to right, the order numpy's own
+    reduction uses on rows this short, so sums and maxima are bit-identical.
+    """
+    k = z.shape[1]
+    if k > ROW_REDUCE_MAX_COLUMNS or k < 2:
+        return ufunc.reduce(z, axis=1, keepdims=True)
+    out = ufunc(z[:, 0:1], z[:, 1:2])
+    for j in range(2, k):
+        ufunc(out, z[:, j : j + 1], out=out)
+    return out
+
+
 def _softmax_into(z: Array, out: Array) -> None:
-    np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+    np.subtract(z, row_reduce(np.maximum, z), out=out)
     np.exp(out, out=out)
-    np.divide(out, out.sum(axis=1, keepdims=True), out=out)
+    np.divide(out, row_reduce(np.add, out), out=out)
 
 
 # ------------------------------------------------------------------------------ registry

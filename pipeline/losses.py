@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.activations import Activation, softmax
+from pipeline.activations import Activation, row_reduce, softmax
 
 Array = np.ndarray
 
@@ -160,7 +160,7 @@ def _ce_delta(z: Array, a: Array, T: Array) -> Array:
 
 
 def _ce_delta_into(z: Array, a: Array, T: Array, out: Array) -> None:
-    np.multiply(a, T.sum(axis=1, keepdims=True), out=out)
+    np.multiply(a, row_reduce(np.add, T), out=out)
     np.subtract(out, T, out=out)
     np.divide(out, a.shape[0], out=out)
 

@@ -103,6 +103,57 @@ def test_fast_gradient_equals_reference(activation, output, loss, units, bias):
         np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
 
 
+@pytest.fixture
+def fold_everything(monkeypatch):
+    """Make every column-major workspace fold its biases into the products, with the
+    backward rules run on blocks of 2 columns (a ragged last block on odd widths)."""
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(nn_module, "FOLD_BLOCK_ELEMENTS", 400)
+
+
+@pytest.mark.parametrize("activation", HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize(("output", "loss", "units"), PAIRS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_bias_workspace_equals_reference(fold_everything, activation, output, loss,
+                                                units, bias):
+    rng = np.random.default_rng(4)
+    n = 200
+    model = MLP([4, 5, 3, units], activation=activation, output=output, bias=bias,
+                seed=2, activation_params={"slope": 0.1, "alpha": 0.7})
+    assert model._workspace(n).fold is bias
+    X = rng.normal(size=(n, 4)) * 2
+    y = rng.integers(0, max(units, 2), n)
+    T = model.encode_targets(y)
+    L = get_loss(loss)
+    for _ in range(2):  # the second call reuses the packed buffers
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+        Zs, As = model._forward_fast(X)
+        Z_ref, A_ref = model._forward(X)
+        np.testing.assert_allclose(Zs[-1], Z_ref[-1], rtol=1e-12, atol=1e-14)
+        for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
+            np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
+        model.params[...] += 0.01 * model.grad
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_folded_bias_training_equals_reference(fold_everything, optimizer):
+    # 90 rows of layers up to 5 wide: the full batch takes the column-major workspace.
+    kw = dict(optimizer=optimizer, sizes=(3, 5, 4, 1), activation="relu")
+    fast, h_fast = _train(True, **kw)
+    ref, h_ref = _train(False, **kw)
+    assert fast._workspace(90).fold
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    for key in h_ref.metrics:
+        np.testing.assert_allclose(h_fast.metrics[key], h_ref.metrics[key], rtol=1e-7,
+                                   atol=1e-10, err_msg=key)
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_in_place_kernels_match_the_allocating_ones(name, dtype):
