@@ -57,7 +57,7 @@ from pipeline.trainer import (
     _resolve_threads,
     _ShuffledViews,
     blas_threads,
-    true_labels,
+    prepare_inputs,
 )
 
 Array = np.ndarray
@@ -540,22 +540,11 @@ def fit_replicas(
         ]
 
     proto = model._prototype()
-    X = proto.check_input(X)
+    X, T, labels, batch, val = prepare_inputs(proto, X, y, batch_size, X_val, y_val, patience)
     n = X.shape[0]
-    if n == 0:
-        raise ValueError("X has 0 samples: training needs at least one")
-    T = proto.encode_targets(y, n)
-    labels = true_labels(y, T)
-    batch = n if batch_size is None else _positive_int("batch_size", batch_size)
-    if batch > n:
-        raise ValueError(f"batch_size={batch_size}: must be at most the {n} training samples")
-    has_val = X_val is not None and y_val is not None
+    has_val = val is not None
     if has_val:
-        X_val = proto.check_input(X_val)
-        T_val = proto.encode_targets(y_val, X_val.shape[0])
-        labels_val = true_labels(y_val, T_val)
-    elif patience is not None:
-        raise ValueError("patience: early stopping needs validation data (X_val, y_val)")
+        X_val, T_val, labels_val = val
 
     callbacks = list(callbacks)
     optimizer.bind(model.params.size, model.n_weight_params, model.dtype)

@@ -319,22 +319,11 @@ def fit(
     if patience is not None:
         patience = _positive_int("patience", patience)
 
-    X = model.check_input(X)
+    X, T, labels, batch, val = prepare_inputs(model, X, y, batch_size, X_val, y_val, patience)
     n = X.shape[0]
-    if n == 0:
-        raise ValueError("X has 0 samples: training needs at least one")
-    T = model.encode_targets(y, n)
-    labels = true_labels(y, T)
-    batch = n if batch_size is None else _positive_int("batch_size", batch_size)
-    if batch > n:
-        raise ValueError(f"batch_size={batch_size}: must be at most the {n} training samples")
-    has_val = X_val is not None and y_val is not None
+    has_val = val is not None
     if has_val:
-        X_val = model.check_input(X_val)
-        T_val = model.encode_targets(y_val, X_val.shape[0])
-        labels_val = true_labels(y_val, T_val)
-    elif patience is not None:
-        raise ValueError("patience: early stopping needs validation data (X_val, y_val)")
+        X_val, T_val, labels_val = val
 
     callbacks = list(callbacks)
     optimizer.bind(model.n_params, model.n_weight_params, model.dtype)
@@ -519,6 +508,35 @@ def _shuffled_batches(
     if n_full * batch < n:
         idx = order[n_full * batch :]
         yield X[idx], T[idx]
+
+
+def prepare_inputs(
+    model: MLP, X: Array, y: Array, batch_size: int | None, X_val: Array | None,
+    y_val: Array | None, patience: int | None,
+) -> tuple[Array, Array, Array, int, tuple[Array, Array, Array] | None]:
+    """Check and encode the training (and validation) data once, before any step.
+
+    Returns ``(X, T, labels, batch, val)``: inputs in the model's dtype, the target
+    matrix, integer labels, the batch size (``n`` for full batch) and
+    ``(X_val, T_val, labels_val)`` or None. Shared by :func:`fit` and the replica trainer.
+    """
+    X = model.check_input(X)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("X has 0 samples: training needs at least one")
+    T = model.encode_targets(y, n)
+    labels = true_labels(y, T)
+    batch = n if batch_size is None else _positive_int("batch_size", batch_size)
+    if batch > n:
+        raise ValueError(f"batch_size={batch_size}: must be at most the {n} training samples")
+    val = None
+    if X_val is not None and y_val is not None:
+        X_val = model.check_input(X_val)
+        T_val = model.encode_targets(y_val, X_val.shape[0])
+        val = (X_val, T_val, true_labels(y_val, T_val))
+    elif patience is not None:
+        raise ValueError("patience: early stopping needs validation data (X_val, y_val)")
+    return X, T, labels, batch, val
 
 
 def _positive_int(key: str, value: object) -> int:
