@@ -155,6 +155,14 @@ class SweepReport:
             view[key] = view[key].map(_fmt)
         return view.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
+    def summary(self) -> str:
+        """:meth:`text`, then the notes and the best run: what a terminal shows at the end."""
+        lines = [self.text(), *(f"note: {note}" for note in self.notes)]
+        if self.best is not None:
+            lines.append(f"best ({self.best_metric}, {self.best_mode}): "
+                         f"{self.best['run_name']} (run {self.best['run_id']})")
+        return "\n".join(lines)
+
 
 # ------------------------------------------------------------------------------ values
 
@@ -674,13 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = report.save(out)
     print(f"sweep {name} ({len(report.table)} jobs, {len(report.failed)} failed) in "
           f"experiment {args.experiment!r}:")
-    print(report.text())
-    for note in report.notes:
-        print(f"note: {note}")
-    if report.best is not None:
-        b = report.best
-        print(f"best ({report.best_metric} {report.best_mode}): {b['run_name']} "
-              f"run {b['run_id']}")
+    print(report.summary())
     print(f"wrote {len(written)} files to {out}")
     if args.log:
         if len(parents) != 1:

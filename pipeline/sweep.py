@@ -296,12 +296,7 @@ class MlflowSweepCallback(Callback):
         if report is not None:
             print(f"\nsweep {self.context.name}: {len(report.table)} jobs, {len(failed)} failed, "
                   f"{seconds:.1f} s")
-            print(report.text())
-            for note in report.notes:
-                print(f"note: {note}")
-            if report.best is not None:
-                print(f"best ({report.best_metric}, {report.best_mode}): "
-                      f"{report.best['run_name']} (run {report.best['run_id']})")
+            print(report.summary())
             from pipeline import tracking
 
             print(f"report: artifacts sweep/ of parent run {self.context.parent_run_id}; "

@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import ROOT, TRAIN_PY, TRAIN_TIMEOUT_S, sqlite_uri
+from servers import wait_http
 
 MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
 # Keys every run of the default model (2 tanh hidden layers) logs once per epoch.
@@ -584,14 +584,6 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, run_train, free_
     assert not list(tmp_path.rglob("run.json"))
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    def answers() -> bool:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-
-    _wait_for(answers, timeout, url, proc, interval=0.3)
-
-
 class _Server:
     """A real ``mlflow server`` on 127.0.0.1 with an SQLite backend under ``root``."""
 
@@ -609,7 +601,7 @@ class _Server:
             cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**_env_without_uri(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
-        _wait_http(f"{self.uri}/health", self.proc)
+        wait_http(f"{self.uri}/health", self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

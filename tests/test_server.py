@@ -17,12 +17,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from servers import wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -106,20 +105,6 @@ class Postgres:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def pg_server(tmp_path_factory, free_port):
     """(Postgres, http URI of an ``mlflow server`` backed by it)."""
@@ -139,7 +124,7 @@ def pg_server(tmp_path_factory, free_port):
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         uri = f"http://127.0.0.1:{port}"
-        _wait_http(f"{uri}/health", proc)
+        wait_http(f"{uri}/health", proc, timeout=180)
         yield pg, uri
     finally:
         if proc is not None and proc.poll() is None:  # the server and its workers, by pid

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from servers import wait_http
 
 from pipeline import tracking
 from pipeline.nn import MLP
@@ -510,20 +511,6 @@ def test_spool_when_the_store_goes_away_then_upload(tracker, exp_id, uri, monkey
 # ------------------------------------------------------------------------- slow: servers
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a process we started (and its workers: it leads its own session) by its pid."""
     if proc.poll() is None:
@@ -554,7 +541,7 @@ class MlflowServer:
             # No background job runner (7 extra processes, not needed for tracking).
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
-        _wait_http(f"{self.uri}/health", self.proc)
+        wait_http(f"{self.uri}/health", self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -640,7 +627,7 @@ def test_models_serve_answers_invocations(tracker, exp_id, uri, tmp_path):
             env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            _wait_http(f"http://127.0.0.1:{port}/ping", proc)
+            wait_http(f"http://127.0.0.1:{port}/ping", proc)
             body = json.dumps({"dataframe_split": {"columns": ["x1", "x2"],
                                                    "data": X.tolist()}}).encode()
             request = urllib.request.Request(
