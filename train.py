@@ -23,10 +23,17 @@ import sys
 import threading
 from typing import Any, TextIO
 
-import hydra
-from omegaconf import DictConfig
+if __name__ == "__main__":
+    # First of all: a single run's tracking service starts importing MLflow in its own
+    # process while this one imports Hydra, composes the config and makes the data.
+    from pipeline import tracking_service
 
-from pipeline.config import as_config_error, register_configs, validate
+    tracking_service.start_early(sys.argv[1:])
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.config import as_config_error, register_configs, validate  # noqa: E402
 
 # The schemas must be in the ConfigStore before Hydra composes conf/config.yaml. Module
 # level, so that launchers running jobs in other processes (joblib, submitit) get them
@@ -48,7 +55,7 @@ def _run_error(exc: BaseException) -> str | None:
     """
     kinds = [
         getattr(sys.modules.get("pipeline.app"), "RunFailed", None),
-        getattr(sys.modules.get("pipeline.tracking"), "TrackingUnavailable", None),
+        getattr(sys.modules.get("pipeline.stores"), "TrackingUnavailable", None),
     ]
     if any(kind is not None and isinstance(exc, kind) for kind in kinds):
         return " ".join(str(exc).split())
@@ -194,7 +201,10 @@ def _exit_at_once(status: int) -> None:
 
 
 if __name__ == "__main__":
-    status = cli()
+    try:
+        status = cli()
+    finally:
+        tracking_service.shutdown()  # its run is ended by now; let it exit
     if status > 128 or _single_run:
         # The run is recorded and flushed: skipping the interpreter's module teardown saves
         # about a second of a few-second run. Not after a sweep: joblib's and submitit's

@@ -339,6 +339,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         if bar is not None:
             bar.close()
 
+    if tracker is not None:
+        tracker.flush()  # the metrics can go now, while the plots are drawn
     if replicas is not None:
         # Replica 0 is the run replicas=1 would make: it stands for the run as its model.
         model.set_params(replicas.replica_params(0))
@@ -364,7 +366,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         finally:
             tracker.log_metrics({f"time/{k}": v for k, v in timer.seconds.items()},
                                 step=0)
-            spool = tracker.end(status, reason)
+            with timer("logging"):
+                spool = tracker.end(status, reason)
 
     result = RunResult(
         status=status, metrics=metrics, history=history, model=model, dataset=dataset,
@@ -387,20 +390,31 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 
 def _start_tracking(config, name, overrides, output_dir, parent_run_id,
                     experiment_id=None, extra_tags=None):
-    from pipeline import tracking
+    from pipeline import stores, tracking_service
 
     trk = config["tracking"]
-    uri = tracking.resolve_tracking_uri(trk["kind"], trk.get("uri"))
-    tracking.check_reachable(uri)
-    experiment_id = (experiment_id or os.environ.get("BACKPROP_EXPERIMENT_ID")
-                     or tracking.prepare_experiment(uri, trk["experiment"]))
+    uri = stores.resolve_tracking_uri(trk["kind"], trk.get("uri"))
+    stores.check_reachable(uri)
+    experiment_id = experiment_id or os.environ.get("BACKPROP_EXPERIMENT_ID")
     spool = Path(output_dir) / "spool" if output_dir else None
-    tracker = tracking.RunTracker(uri, spool_root=spool)
     tags = {"dataset": config["dataset"]["name"],
             "overrides": " ".join(overrides) or "(defaults)", **(extra_tags or {})}
     commit = git_commit(project_root())
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    service = tracking_service.current()
+    if service is not None:
+        # The run is created in the service while this process trains (see
+        # pipeline.tracking_service); MLflow is never loaded here.
+        tracker = service.tracker(uri, spool_root=spool)
+        tracker.start(trk["experiment"], name, experiment_id=experiment_id, params=config,
+                      tags=tags, parent_run_id=parent_run_id)
+        return tracker, uri
+
+    from pipeline import tracking
+
+    experiment_id = experiment_id or tracking.prepare_experiment(uri, trk["experiment"])
+    tracker = tracking.RunTracker(uri, spool_root=spool)
     try:
         tracker.start(experiment_id, name, params=config, tags=tags,
                       parent_run_id=parent_run_id)
@@ -481,6 +495,28 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
     from pipeline.plots import plot_training_curves
 
     diverged = not np.all(np.isfinite(model.params))
+    # The model, config and tables first: a tracker running in its own process logs them
+    # while the figures are drawn here.
+    with timer("logging"):
+        _log_config(tracker, config)
+        tracker.log_text(dataset.to_frame().to_csv(index=False), "data/dataset.csv")
+        summary = {"status": status, "epochs_run": history.epochs[-1] if history.epochs else 0,
+                   "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+                   **history.last()}
+        tracker.log_dict(summary, "summary.json")
+        if replica_table:
+            import pandas as pd
+
+            table = pd.DataFrame(replica_table)
+            table.insert(1, "seed", [replicas.seeds[k] for k in table["replica"]])
+            tracker.log_text(table.to_csv(index=False), "replicas.csv")
+        if status != "FAILED" and not diverged and config["tracking"].get("log_model", True):
+            raw_model = model.with_input_scaling(dataset.mean, dataset.std)
+            tracker.log_model(
+                raw_model, dataset.X_train_raw[:5],
+                class_names=[f"proba_{c}" for c in dataset.classes],
+                feature_names=list(dataset.feature_names),
+            )
     with timer("plots"):
         if before is not None:
             tracker.log_figure(before, "plots/boundary_before.png")
@@ -503,25 +539,7 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
                 gif = animation[0].save_gif(Path(tmp) / "boundary.gif")
                 tracker.log_artifact(gif, "plots")
     with timer("logging"):
-        _log_config(tracker, config)
-        tracker.log_text(dataset.to_frame().to_csv(index=False), "data/dataset.csv")
-        summary = {"status": status, "epochs_run": history.epochs[-1] if history.epochs else 0,
-                   "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
-                   **history.last()}
-        tracker.log_dict(summary, "summary.json")
-        if replica_table:
-            import pandas as pd
-
-            table = pd.DataFrame(replica_table)
-            table.insert(1, "seed", [replicas.seeds[k] for k in table["replica"]])
-            tracker.log_text(table.to_csv(index=False), "replicas.csv")
-        if status != "FAILED" and not diverged and config["tracking"].get("log_model", True):
-            raw_model = model.with_input_scaling(dataset.mean, dataset.std)
-            tracker.log_model(
-                raw_model, dataset.X_train_raw[:5],
-                class_names=[f"proba_{c}" for c in dataset.classes],
-                feature_names=list(dataset.feature_names),
-            )
+        tracker.barrier()  # everything above logged, or its error raised here
 
 
 def _log_config(tracker, config: Mapping[str, Any]) -> None:
@@ -545,11 +563,11 @@ def _print_summary(result: RunResult, name: str) -> None:
     if result.spool_message:
         print(f"  {result.spool_message}")
     if result.run_id:
-        from pipeline import tracking
+        from pipeline import stores
 
         print(f"  MLflow run {result.run_id} in experiment {result.experiment_id}")
-        print(f"  view it: {tracking.ui_command(result.tracking_uri)}")
-        url = tracking.run_url(result.tracking_uri, result.experiment_id, result.run_id)
+        print(f"  view it: {stores.ui_command(result.tracking_uri)}")
+        url = stores.run_url(result.tracking_uri, result.experiment_id, result.run_id)
         if url:
             print(f"  then open {url}")
 
