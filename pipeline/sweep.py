@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -211,6 +213,7 @@ class MlflowSweepCallback(Callback):
         self._started = time.perf_counter()
         self._sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
         self.context = None
+        prewarm_joblib_workers(config)
         trk = OmegaConf.select(config, "tracking")
         if trk is None or trk.get("kind", "none") == "none":
             log.info("sweep: tracking is off (tracking=none); no parent run")
@@ -503,3 +506,63 @@ def _quote(text: str) -> str:
 
 
 __all__ = ["MlflowSweepCallback", "SweepContext", "current_context", "swept_params"]
+
+
+# --------------------------------------------------------------- joblib worker warm-up
+
+
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+def warm_worker() -> int:
+    """Import what a job needs (numpy, scikit-learn, matplotlib, MLflow and its SQL store:
+    about 3 s) in a joblib worker before the first job arrives; returns the worker's pid."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import pipeline.app  # noqa: F401
+    import pipeline.plots  # noqa: F401
+    from pipeline import tracking
+    from pipeline.data import make_dataset
+
+    make_dataset("moons", n_samples=20)  # loads sklearn.datasets
+    tracking.warm_up()
+    return os.getpid()
+
+
+def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:
+    """Start the joblib launcher's worker processes now, warming them with the imports
+    every job needs, while this process creates the sweep's parent run.
+
+    Hydra's joblib launcher starts its loky workers only when it submits the first jobs,
+    and each then spends seconds importing before its first job: on a short sweep that is
+    most of what parallelism saves. joblib keeps one reusable loky executor per process, so
+    workers started here with the launcher's own settings are the ones its jobs run in.
+    Returns the thread that waits for the warm-up (None for other launchers).
+    """
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    if target != JOBLIB_LAUNCHER:
+        return None
+    try:
+        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+        from joblib import Parallel, delayed, effective_n_jobs
+    except ImportError:
+        return None
+    settings = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+    settings.pop("_target_", None)
+    # Exactly what the launcher passes to Parallel, so that joblib reuses these workers.
+    settings["backend"] = "loky"
+    process_joblib_cfg(settings)
+    settings["verbose"] = 0
+    n_workers = effective_n_jobs(settings.get("n_jobs"))
+
+    def warm() -> None:
+        try:
+            thread.pids = Parallel(**settings)(delayed(warm_worker)() for _ in range(n_workers))
+        except Exception as e:  # a failed warm-up only costs the time it would have saved
+            log.debug("sweep: joblib warm-up failed: %s", e)
+
+    thread = threading.Thread(target=warm, name="joblib-warm-up", daemon=True)
+    thread.pids = []  # the warmed workers' pids, once the warm-up is done
+    thread.start()
+    return thread

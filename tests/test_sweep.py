@@ -312,3 +312,41 @@ def test_untracked_sweep_still_reports_failures(run_train, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.mark.slow
+def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in():
+    """The warm-up starts joblib's reusable loky workers with the launcher's own settings:
+    a Parallel call made the way the launcher makes it runs in those same processes."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+    from omegaconf import OmegaConf
+
+    from pipeline.sweep import prewarm_joblib_workers
+
+    launcher = {"_target_": sweep.JOBLIB_LAUNCHER, "n_jobs": 2, "backend": None,
+                "prefer": "processes", "require": None, "verbose": 0, "timeout": None,
+                "pre_dispatch": "2*n_jobs", "batch_size": "auto", "temp_folder": None,
+                "max_nbytes": None, "mmap_mode": "r"}
+    config = OmegaConf.create({"hydra": {"launcher": launcher}})
+    thread = prewarm_joblib_workers(config)
+    assert thread is not None
+    thread.join(120)
+    assert not thread.is_alive() and len(thread.pids) == 2, thread.pids
+    settings = {k: v for k, v in launcher.items() if k != "_target_"}
+    settings["backend"] = "loky"
+    process_joblib_cfg(settings)
+    # Jobs long enough that both workers take one.
+    pids = Parallel(**settings)(delayed(_pid_after)(0.5) for _ in range(4))
+    assert set(pids) <= set(thread.pids), (pids, thread.pids)
+    other = OmegaConf.create({"hydra": {"launcher": {"_target_": "basic.BasicLauncher"}}})
+    assert prewarm_joblib_workers(other) is None
+
+
+def _pid_after(seconds: float) -> int:
+    import os
+    import time as _time
+
+    _time.sleep(seconds)
+    return os.getpid()
