@@ -82,8 +82,24 @@ def _child(root: Path, warm: int) -> dict:
             "renderer": hasattr(plots, "BoundaryRenderer")}
 
 
+class _Clock:
+    """Wall and CPU seconds of each task. CPU time (one BLAS thread, single-threaded
+    matplotlib) is much steadier than wall time when other jobs share the cores."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._w, self._c = time.perf_counter(), time.process_time()
+
+    def stop(self, task: str) -> None:
+        self.wall[task] = time.perf_counter() - self._w
+        self.cpu[task] = time.process_time() - self._c
+
+
 def _one_pass(ds, initial, model, history, snapshots, out_dir: Path, i: int) -> dict:
-    t: dict[str, float] = {}
+    t = _Clock()
 
     def raw(m):
         return lambda X: m.predict_proba(ds.transform(X))
@@ -92,18 +108,18 @@ def _one_pass(ds, initial, model, history, snapshots, out_dir: Path, i: int) -> 
     data = (ds.X_train_raw, ds.y_train, ds.X_test_raw, ds.y_test)
     name = "moons-16x16-tanh-adam-lr0.01-s0"
 
-    start = time.perf_counter()
+    t.start()
     import pipeline.plots as plots
 
-    t["import"] = time.perf_counter() - start
+    t.stop("import")
     new = hasattr(plots, "BoundaryRenderer")
 
-    start = time.perf_counter()
+    t.start()
     anim = plots.BoundaryAnimation(*data, resolution=80, **names)
     anim.add_frame(raw(initial), 0)
-    t["anim_start"] = time.perf_counter() - start
+    t.stop("anim_start")
 
-    start = time.perf_counter()
+    t.start()
     if new:  # as pipeline/app.py does since the renderer exists
         boundary = plots.BoundaryRenderer(*data, **names)
         before = boundary.render(raw(initial), f"{name}: before training")
@@ -112,40 +128,40 @@ def _one_pass(ds, initial, model, history, snapshots, out_dir: Path, i: int) -> 
         fig = plots.plot_decision_boundary(raw(initial), *data, title=f"{name}: before training",
                                            **names)
         fig.savefig(out_dir / f"{i}-before.png")
-    t["before"] = time.perf_counter() - start
+    t.stop("before")
 
-    start = time.perf_counter()
+    t.start()
     for epoch in plots.frame_epochs(300, 40):
         snap, metrics = snapshots[epoch]
         anim.add_frame(raw(snap), epoch, metrics)
-    t["frames"] = time.perf_counter() - start
+    t.stop("frames")
 
     title = f"{name}: after 300 epochs"
-    start = time.perf_counter()
+    t.start()
     if new:
         after = boundary.render(raw(model), title)
         plots.save_image(after, out_dir / f"{i}-after.png")
     else:
         fig = plots.plot_decision_boundary(raw(model), *data, title=title, **names)
         fig.savefig(out_dir / f"{i}-after.png")
-    t["after"] = time.perf_counter() - start
+    t.stop("after")
 
-    start = time.perf_counter()
+    t.start()
     fig = plots.plot_training_curves(history.metrics, history.epochs, title=name,
                                      best_epoch=history.best_epoch)
     if new:
         plots.save_figure(fig, out_dir / f"{i}-curves.png")
     else:
         fig.savefig(out_dir / f"{i}-curves.png")
-    t["curves"] = time.perf_counter() - start
+    t.stop("curves")
 
-    start = time.perf_counter()
+    t.start()
     anim.save_gif(out_dir / f"{i}-boundary.gif")
-    t["gif"] = time.perf_counter() - start
-    return t
+    t.stop("gif")
+    return {"wall": t.wall, "cpu": t.cpu}
 
 
-def _totals(t: dict) -> dict:
+def _totals(t: dict[str, float]) -> dict[str, float]:
     return {**t, "plots": sum(t[k] for k in PLOTS), "all": sum(t[k] for k in TASKS)}
 
 
@@ -163,11 +179,12 @@ def main() -> None:
     roots = {"this": HERE}
     if args.baseline:
         roots = {"base": args.baseline.resolve(), "this": HERE}
-    cold: dict[str, list[dict]] = {k: [] for k in roots}
-    warm: dict[str, list[dict]] = {k: [] for k in roots}
+    # results[clock][key] -> list of per-pass dicts, cold and warm apart
+    cold = {c: {k: [] for k in roots} for c in ("wall", "cpu")}
+    warm = {c: {k: [] for k in roots} for c in ("wall", "cpu")}
     info: dict[str, dict] = {}
-    # One BLAS thread, as the plot-sized arrays never gain from more, and it keeps the two
-    # checkouts from competing differently for the two cores.
+    # One BLAS thread: the plot-sized arrays never gain from more, and CPU time then
+    # measures one thread's work.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     for _ in range(args.repeats):
         for key, root in roots.items():
@@ -178,31 +195,34 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{key} ({root}) failed:\n{proc.stderr[-3000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
-            cold[key].append(_totals(res["cold"]))
-            warm[key].extend(_totals(w) for w in res["warm"])
+            for clock in ("wall", "cpu"):
+                cold[clock][key].append(_totals(res["cold"][clock]))
+                warm[clock][key].extend(_totals(w[clock]) for w in res["warm"])
             info[key] = res
 
     for key, res in info.items():
         kind = "BoundaryRenderer" if res["renderer"] else "plot_decision_boundary + savefig"
         sizes = ", ".join(f"{n[2:]} {s / 1024:.0f} KiB" for n, s in sorted(res["sizes"].items()))
         print(f"{key}: {res['file']}  ({kind})\n      files: {sizes}")
-    print(f"\nmedian ms over {args.repeats} fresh processes (cold) and "
-          f"{args.repeats * args.warm} warm passes")
     keys = list(roots)
-    head = "".join(f"{k + ' cold':>11}{k + ' warm':>11}" for k in keys)
-    ratio = "  base/this cold  warm" if len(keys) == 2 else ""
-    print(f"{'task':<12}{head}{ratio}")
-    for task in (*TASKS, "plots", "all"):
-        row, meds = "", {}
-        for k in keys:
-            c = statistics.median(r[task] for r in cold[k]) * 1e3
-            w = statistics.median(r[task] for r in warm[k]) * 1e3 if warm[k] else float("nan")
-            meds[k] = (c, w)
-            row += f"{c:11.1f}{w:11.1f}"
-        if len(keys) == 2:
-            (bc, bw), (tc, tw) = meds["base"], meds["this"]
-            row += f"  {bc / tc:14.2f}{bw / tw if tw else float('nan'):6.2f}"
-        print(f"{task:<12}{row}")
+    for clock in ("wall", "cpu"):
+        print(f"\n{clock} time, median ms of {args.repeats} fresh processes (cold) and "
+              f"{args.repeats * args.warm} warm passes")
+        head = "".join(f"{k + ' cold':>11}{k + ' warm':>11}" for k in keys)
+        ratio = "   base/this cold  warm" if len(keys) == 2 else ""
+        print(f"{'task':<12}{head}{ratio}")
+        for task in (*TASKS, "plots", "all"):
+            row, meds = "", {}
+            for k in keys:
+                c = statistics.median(r[task] for r in cold[clock][k]) * 1e3
+                w = (statistics.median(r[task] for r in warm[clock][k]) * 1e3
+                     if warm[clock][k] else float("nan"))
+                meds[k] = (c, w)
+                row += f"{c:11.1f}{w:11.1f}"
+            if len(keys) == 2:
+                (bc, bw), (tc, tw) = meds["base"], meds["this"]
+                row += f"  {bc / tc:15.2f}{bw / tw if tw else float('nan'):6.2f}"
+            print(f"{task:<12}{row}")
 
 
 if __name__ == "__main__":
