@@ -1056,9 +1056,10 @@ class BoundaryAnimation:
                  hold_last: float = 1.5) -> Path:
         """Render all frames into an animated GIF.
 
-        One figure is built for the first frame; later frames only swap the image data
-        (``set_data``), the contour lines and the title, then grab the Agg buffer. All
-        frames share one palette so colours do not flicker.
+        The frames are drawn by one :class:`BoundaryRenderer` (the figure is laid out and
+        drawn once; each frame paints the probability image, the boundary, the points and
+        the title). All frames share one palette so colours do not flicker, and what a
+        frame leaves unchanged is written transparent, so it costs almost nothing.
 
         Parameters
         ----------
