@@ -306,7 +306,9 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 
         if tracker is not None:
             with timer("plots"):
-                before = _boundary_figure(predict_raw, dataset, f"{name}: before training")
+                # (renderer, picture): the renderer draws the picture after training too.
+                boundary = _boundary_renderer(dataset)
+                before = boundary, boundary.render(predict_raw, f"{name}: before training")
 
         # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
         with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
@@ -440,14 +442,21 @@ def _start_animation(dataset: Dataset, model: MLP, tcfg, predict_raw):
     return anim, anim.callback(predict_raw, epochs)
 
 
-def _boundary_figure(predict_raw, dataset: Dataset, title: str):
-    from pipeline.plots import plot_decision_boundary
+def _boundary_renderer(dataset: Dataset):
+    from pipeline.plots import BoundaryRenderer
 
-    return plot_decision_boundary(
-        predict_raw, dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
-        title=title, class_names=[str(c) for c in dataset.classes],
-        feature_names=dataset.feature_names,
+    # One figure laid out once for the pictures before and after training.
+    return BoundaryRenderer(
+        dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
+        class_names=[str(c) for c in dataset.classes], feature_names=dataset.feature_names,
     )
+
+
+def _log_png(tracker, write, artifact_file: str) -> None:
+    """Log the PNG that ``write(path)`` writes, as ``artifact_file``."""
+    directory, _, filename = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(write(Path(tmp) / filename), directory)
 
 
 def _replica_figure(replicas, dataset: Dataset, title: str):
@@ -492,7 +501,7 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from pipeline.plots import plot_training_curves
+    from pipeline.plots import plot_training_curves, save_figure, save_image
 
     diverged = not np.all(np.isfinite(model.params))
     # The model, config and tables first: a tracker running in its own process logs them
@@ -519,21 +528,20 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
             )
     with timer("plots"):
         if before is not None:
-            tracker.log_figure(before, "plots/boundary_before.png")
+            _log_png(tracker, partial(save_image, before[1]), "plots/boundary_before.png")
         title = (f"{name}: after {len(history)} epochs" if status == "FINISHED"
                  else f"{name}: {status.lower()}")
         if replicas is not None and not diverged:
             tracker.log_figure(_replica_figure(replicas, dataset, title),
                                "plots/boundary_after.png")
         elif not diverged:
-            tracker.log_figure(_boundary_figure(predict_raw, dataset, title),
-                               "plots/boundary_after.png")
+            boundary = before[0] if before is not None else _boundary_renderer(dataset)
+            _log_png(tracker, partial(save_image, boundary.render(predict_raw, title)),
+                     "plots/boundary_after.png")
         if len(history):
-            tracker.log_figure(
-                plot_training_curves(history.metrics, history.epochs, title=name,
-                                     best_epoch=history.best_epoch),
-                "plots/curves.png",
-            )
+            curves = plot_training_curves(history.metrics, history.epochs, title=name,
+                                          best_epoch=history.best_epoch)
+            _log_png(tracker, partial(save_figure, curves), "plots/curves.png")
         if animation is not None and len(animation[0]) > 1:
             with tempfile.TemporaryDirectory() as tmp:
                 gif = animation[0].save_gif(Path(tmp) / "boundary.gif")

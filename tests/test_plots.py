@@ -356,6 +356,131 @@ def test_fast_raster_matches_matplotlib_imshow(data2):
     assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8
 
 
+# ------------------------------------------------------------------------------ renderer
+
+
+def _pixel(renderer, image, x, y):
+    """The RGB colour of ``image`` at data point (x, y) of the renderer's axes."""
+    ax = renderer._canvas.fig.axes[0]
+    px, py = ax.transData.transform((x, y))
+    return np.asarray(image.convert("RGB"))[image.height - 1 - int(py), int(px)].astype(int)
+
+
+def test_renderer_picture_is_the_boundary_figure(data2):
+    """Painted instead of drawn, the picture must still be plot_decision_boundary's."""
+    X_tr, y_tr, X_te, y_te = data2
+    title = "logistic: after 300 epochs"
+    renderer = plots.BoundaryRenderer(X_tr, y_tr, X_te, y_te, resolution=80)
+    picture = renderer.render(logistic_proba, title)
+    assert picture.mode == "RGB" and picture.size == (560, 500)  # 5.6 x 5.0 in at 100 dpi
+    fig = plots.plot_decision_boundary(logistic_proba, X_tr, y_tr, X_te, y_te, title=title,
+                                       grid=renderer.grid)
+    fig.canvas.draw()
+    reference = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    diff = np.abs(np.asarray(picture).astype(int) - reference)
+    # Same layout, ticks, colour bar, legend, points and boundary; the image is resampled
+    # by Pillow instead of Agg.
+    body = diff[40:]
+    assert body.mean() < 0.5 and np.percentile(body, 99.9) < 40
+    # The title is drawn by Pillow from the same font file at the same size, centred in
+    # the same place (its glyphs are hinted differently, and sit up to 4 pixels lower).
+    def ink(rgb):  # rows and columns of the title's dark pixels, above the axes
+        dark = rgb[:25, :450].min(axis=-1) < 128
+        rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+        return np.array([rows[0], rows[-1], cols[0], cols[-1]])
+
+    got, want = ink(np.asarray(picture)), ink(reference)
+    assert np.all(np.abs(got[2:] - want[2:]) <= 2), (got, want)  # left and right ends
+    assert 0 <= got[0] - want[0] <= 4 and abs((got[1] - got[0]) - (want[1] - want[0])) <= 1
+
+
+def test_renderer_colours_each_side_and_reuses_its_figure(data2):
+    X_tr, y_tr, X_te, y_te = data2
+    renderer = plots.BoundaryRenderer(X_tr, y_tr, X_te, y_te, resolution=60, dpi=80)
+    first = renderer.render(logistic_proba, "first")
+    assert first.size == (448, 400)
+    xx, yy, _ = renderer.grid
+    # Grid corners, away from the data: class 1 (x1 + x2 > 0) is red, class 0 blue.
+    r1, _, b1 = _pixel(renderer, first, xx.max() - 0.05, yy.max() - 0.05)
+    r0, _, b0 = _pixel(renderer, first, xx.min() + 0.05, yy.min() + 0.05)
+    assert r1 > b1 + 25 and b0 > r0 + 25
+    flipped = renderer.render(lambda X: logistic_proba(X, scale=-2.0), "first")
+    r1f, _, b1f = _pixel(renderer, flipped, xx.max() - 0.05, yy.max() - 0.05)
+    assert b1f > r1f + 25
+    fig = renderer._canvas.fig
+    again = renderer.render(logistic_proba, "first")
+    assert renderer._canvas.fig is fig  # laid out once
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first))  # nothing left over
+
+
+def test_renderer_k_classes_title_lines_and_errors(data3):
+    X_tr, y_tr, X_te, y_te = data3
+    renderer = plots.BoundaryRenderer(X_tr, y_tr, X_te, y_te, resolution=40, dpi=60)
+    one = renderer.render(softmax3_proba, "one line")
+    colours = plots._class_colours(3)
+    xx, yy, _ = renderer.grid
+    # Near a corner the most probable class is certain: its colour, faded by at most 25 %.
+    pixel = _pixel(renderer, one, xx.max() - 0.05, yy.min() + 0.05)  # x1 large: class 0
+    expected = 255 * (1.0 - 0.75 * (1.0 - colours[0]))
+    np.testing.assert_allclose(pixel, expected, atol=12)
+    # A title with more lines than the layout made room for: laid out again, same size.
+    fig = renderer._canvas.fig
+    two = renderer.render(softmax3_proba, "two\nlines")
+    assert renderer._canvas.fig is not fig and two.size == one.size
+    top = np.asarray(two)[: 30].min(axis=-1)
+    assert (top < 100).sum() > 20  # text was drawn in the title strip
+    with pytest.raises(ValueError, match="number of classes"):
+        renderer.render(logistic_proba)
+
+
+def test_renderer_paints_nan_grey(data2):
+    X_tr, y_tr, _, _ = data2
+    renderer = plots.BoundaryRenderer(X_tr, y_tr, resolution=30)
+    P = logistic_proba(renderer.grid[2])
+    P[renderer.grid[2][:, 0] < 0] = np.nan  # a diverged model, on half of the plane
+    picture = renderer.render(P)
+    xx, yy, _ = renderer.grid
+    grey = (np.array(plots.mcolors.to_rgb(plots._BAD_COLOUR)) * 255).round()
+    np.testing.assert_allclose(_pixel(renderer, picture, xx.min() + 0.05, yy.max() - 0.05),
+                               grey, atol=2)
+
+
+def _gif_frames(path):
+    with Image.open(path) as gif:
+        frames, durations = [], []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            frames.append(np.asarray(gif.convert("RGB")).astype(int))
+            durations.append(gif.info["duration"])
+    return frames, durations
+
+
+def test_gif_frames_are_the_rendered_frames(tmp_path, data2):
+    """Unchanged pixels are written transparent; decoded, every frame must still be whole."""
+    X_tr, y_tr, X_te, y_te = data2
+    anim = plots.BoundaryAnimation(X_tr, y_tr, X_te, y_te, resolution=40)
+    for epoch, scale in enumerate((0.2, 0.5, 1.0, 2.0, 2.0, 4.0)):
+        anim.add_frame(lambda X, s=scale: logistic_proba(X, s), epoch,
+                       {"train/loss": 1.0 / (epoch + 1), "test/accuracy": 0.5 + epoch / 20})
+    path = anim.save_gif(tmp_path / "b.gif", fps=5, hold_last=2.0)
+    frames, durations = _gif_frames(path)
+    assert len(frames) == 6 and durations == [200] * 5 + [2000]
+    rendered = [np.asarray(im).astype(int) for im in anim._render_frames(80)]
+    assert frames[0].shape == rendered[0].shape == (400, 448, 3)
+    for k, (got, want) in enumerate(zip(frames, rendered, strict=True)):
+        # up to the 255-colour palette, in which the figure's white and black are exact
+        assert np.abs(got - want).mean() < 1.5, k
+        assert np.all(got[want.min(axis=-1) == 255] == 255), k
+    # Frames 3 and 4 have the same model: only the title changed.
+    changed = np.any(frames[3] != frames[4], axis=-1)
+    assert changed.any() and not changed[60:].any()
+    assert np.abs(frames[0] - frames[-1]).mean() > 5  # the boundary sharpened
+    # One palette for all frames: what stays put (axes labels, colour bar, legend) keeps
+    # exactly its colours.
+    static = np.all([np.all(f == frames[0], axis=-1) for f in frames], axis=0)
+    assert static.mean() > 0.4
+
+
 # ------------------------------------------------------------------ sweeps and reports
 
 
@@ -526,6 +651,28 @@ def test_save_figure_writes_png(tmp_path, data2):
     with Image.open(path) as im:
         assert im.format == "PNG"
         assert im.size == (round(5.6 * 50), round(5.0 * 50))
+
+
+def test_save_figure_png_is_savefig_as_rgb_unless_transparent(tmp_path, data2):
+    X_tr, y_tr, _, _ = data2
+    fig = plots.plot_training_curves({"train/loss": [1.0, 0.5, 0.2]}, title="t")
+    fig.savefig(tmp_path / "ref.png", dpi=60)
+    with Image.open(plots.save_figure(fig, tmp_path / "fast.png", dpi=60)) as fast, \
+            Image.open(tmp_path / "ref.png") as ref:
+        assert fast.mode == "RGB" and ref.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(ref)[..., :3])
+    assert fig.dpi == 100  # restored
+    fig.patch.set_alpha(0.0)
+    with Image.open(plots.save_figure(fig, tmp_path / "clear.png")) as clear:
+        assert clear.mode == "RGBA" and np.asarray(clear)[0, 0, 3] == 0
+
+
+def test_save_image_writes_png_and_other_formats(tmp_path, data2):
+    X_tr, y_tr, _, _ = data2
+    picture = plots.BoundaryRenderer(X_tr, y_tr, resolution=20, dpi=40).render(logistic_proba)
+    for name, fmt in (("a/b.png", "PNG"), ("c.gif", "GIF")):
+        with Image.open(plots.save_image(picture, tmp_path / name)) as im:
+            assert im.format == fmt and im.size == picture.size
 
 
 def test_save_figure_closes_pyplot_figures(tmp_path):
