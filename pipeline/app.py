@@ -261,6 +261,8 @@ def run(
 
 def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experiment_id, tags,
          parallel, echo) -> RunResult:
+    if trk["kind"] != "none":
+        _open_store_early(trk)
     with timer("data"):
         dataset = make_dataset(config["dataset"]["name"], **dataset_kwargs(config))
     model = build_model(config, dataset)
@@ -388,6 +390,21 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _open_store_early(trk) -> None:
+    """Let this process's tracking service (if any) open an existing store while the data
+    is made. Nothing is created: a run that fails on its data leaves no trace."""
+    from pipeline import stores, tracking_service
+
+    service = tracking_service.current()
+    if service is None:
+        return
+    try:
+        uri = stores.resolve_tracking_uri(trk["kind"], trk.get("uri"))
+    except ValueError:
+        return  # _start_tracking reports it
+    service.post("open_store", uri, trk["experiment"])
 
 
 def _start_tracking(config, name, overrides, output_dir, parent_run_id,

@@ -1041,10 +1041,19 @@ def _example_frame(example: Any, feature_names: Sequence[str] | None) -> pd.Data
 # ------------------------------------------------------------ reading runs back (reports)
 
 
-def find_experiment_id(uri: str, name: str) -> str | None:
-    """The id of the experiment called ``name`` in ``uri``, or None if there is none."""
+def find_experiment_id(uri: str, name: str, *, create_store: bool = True) -> str | None:
+    """The id of the active experiment called ``name`` in ``uri``, or None if there is none.
+
+    With ``create_store=False`` an SQLite store that does not exist yet is left uncreated
+    (opening it with MLflow would create and migrate it) and None is returned.
+    """
+    db = _sqlite_path(uri)
+    if not create_store and db is not None and not db.exists():
+        return None
     experiment = MlflowClient(uri).get_experiment_by_name(name)
-    return None if experiment is None else experiment.experiment_id
+    if experiment is None or experiment.lifecycle_stage != "active":
+        return None
+    return experiment.experiment_id
 
 
 def search_runs(

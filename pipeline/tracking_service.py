@@ -381,14 +381,26 @@ class _Service:
         self.start_error: tuple[str, str] | None = None
         self.errors: list[tuple[str, str]] = []
         self.busy = 0.0
+        self.known_experiments: dict[tuple[str, str], str | None] = {}
 
     # Each handler runs one message; async ones' errors are kept for the next wait.
+    def open_store(self, uri: str, experiment: str) -> None:
+        """Open an existing store and look the experiment up, creating nothing (the run
+        may still fail on its data); :meth:`start` then only has to create the run."""
+        try:
+            self.known_experiments[(uri, experiment)] = self.tracking.find_experiment_id(
+                uri, experiment, create_store=False)
+        except Exception as e:  # start() will meet it again and report it
+            log.debug("tracking service: opening %s early failed: %s", uri, e)
+
     def start(self, uri, spool_root, experiment, experiment_id, run_name, params, tags,
               parent_run_id) -> None:
         tracking = self.tracking
         self.tracker, self.start_error, self.errors, self.busy = None, None, [], 0.0
         try:
             tracking.check_reachable(uri)
+            if experiment_id is None:
+                experiment_id = self.known_experiments.pop((uri, experiment), None)
             if experiment_id is None:
                 experiment_id = tracking.prepare_experiment(uri, experiment)
             tracker = tracking.RunTracker(uri, spool_root=spool_root)
@@ -404,6 +416,9 @@ class _Service:
                 raise _Reported(*self.start_error)
             raise RuntimeError("no run was started")
         return self.tracker
+
+    def barrier_all(self) -> None:
+        """Nothing to do: answering proves every earlier message has been handled."""
 
     def run_ids(self) -> tuple[str, str]:
         tracker = self._run()

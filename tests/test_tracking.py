@@ -388,6 +388,10 @@ def test_reading_runs_back_for_reports(tracker, exp_id, uri, tmp_path):
     tracker.end()
     assert tracking.find_experiment_id(uri, "test") == exp_id
     assert tracking.find_experiment_id(uri, "absent") is None
+    missing = tmp_path / "missing" / "mlflow.db"
+    assert tracking.find_experiment_id(tracking.local_tracking_uri_for(missing), "test",
+                                       create_store=False) is None
+    assert not missing.exists()
     runs = tracking.search_runs(uri, [exp_id])
     row = runs.set_index("run_id").loc[run_id]
     assert row["metrics.test/accuracy"] == 0.75 and row["params.optimizer.lr"] == "0.1"
@@ -396,6 +400,8 @@ def test_reading_runs_back_for_reports(tracker, exp_id, uri, tmp_path):
     from pipeline.io import load_model
 
     np.testing.assert_array_equal(load_model(weights).params, model.params)
+    MlflowClient(uri).delete_experiment(exp_id)
+    assert tracking.find_experiment_id(uri, "test") is None  # a deleted one is not found
 
 
 # -------------------------------------------------------------------- stores, servers

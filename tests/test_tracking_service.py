@@ -340,3 +340,28 @@ def test_ctrl_c_in_a_terminal_ends_the_run_killed_and_the_service_exits(tmp_path
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("a process of the run's group outlived it")
+
+
+def test_opening_the_store_early_creates_nothing_and_the_run_lands_where_it_should(
+    service, tmp_path, new_store
+):
+    """open_store (sent before the data is made) must not create a missing store or
+    experiment: a run that then fails on its data leaves no trace."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    service.post("open_store", f"sqlite:///{missing.as_posix()}", "svc")
+    uri = new_store(tmp_path / "store")
+    service.post("open_store", uri, "not-yet")
+    service.call("barrier_all")
+    assert not missing.exists() and not missing.parent.exists()
+    assert tracking.find_experiment_id(uri, "not-yet") is None
+    tracker = service.tracker(uri)
+    tracker.start("not-yet", "first")  # the experiment is created only now
+    tracker.wait_started()
+    assert tracker.end("FINISHED") is None
+    client = MlflowClient(uri)
+    assert client.get_run(tracker.run_id).info.experiment_id == \
+        tracking.find_experiment_id(uri, "not-yet")
