@@ -14,13 +14,17 @@ The numerical core (``nn``, ``activations``, ``losses``, ``init``, ``optim``,
 Hydra and MLflow stay at the edge (``train.py``, ``pipeline.app``, ``pipeline.tracking``).
 """
 
-from pipeline.nn import MLP
-
 __version__ = "0.1.0"
+__all__ = ["MLP", "MLPClassifier"]
 
 
 def __getattr__(name: str):
-    # The scikit-learn estimator imports sklearn; load it only when asked for.
+    # Loaded when asked for: the estimator imports sklearn, and even numpy is worth not
+    # importing before train.py has started its tracking service (pipeline.tracking_service).
+    if name == "MLP":
+        from pipeline.nn import MLP
+
+        return MLP
     if name == "MLPClassifier":
         from pipeline.estimator import MLPClassifier
 

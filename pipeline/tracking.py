@@ -92,6 +92,18 @@ def warm_up() -> None:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
+def warm_up_model_logging() -> None:
+    """Pay now what the first :meth:`RunTracker.log_model` of a process pays on top of later
+    ones (about 0.5 s): MLflow checks the model's requirements against the environment
+    with a map of every installed package's modules, built once per process from each
+    distribution's file list. Opens no store."""
+    from mlflow.utils import requirements_utils
+
+    init = getattr(requirements_utils, "_init_packages_to_modules_map", None)
+    if init is not None:  # MLflow's private helper; a later version may not have it
+        init()
+
+
 
 
 @contextlib.contextmanager

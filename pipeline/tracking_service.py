@@ -484,11 +484,22 @@ class _Reported(Exception):
         super().__init__(f"{kind}: {message}")
 
 
+def _quietly(task) -> None:
+    try:
+        task()
+    except Exception as e:  # a warm-up that fails only costs the time it would have saved
+        log.debug("tracking service: warm-up %s failed: %s", getattr(task, "__name__", task), e)
+
+
 def serve(conn: Connection) -> None:
     """The child's loop: run each message in order until the parent closes the socket."""
     from pipeline import tracking
 
     tracking.warm_up()  # about 2 s of imports, while the parent composes and makes data
+    # The model's first logging costs another 0.5 s, mostly Python reading package
+    # metadata: in a thread, it fills the moments the loop waits on the parent or on disk.
+    threading.Thread(target=_quietly, args=(tracking.warm_up_model_logging,), daemon=True,
+                     name="warm-up-model-logging").start()
     service = _Service()
     while True:
         try:

@@ -646,3 +646,14 @@ def test_models_serve_answers_invocations(tracker, exp_id, uri, tmp_path):
             _stop(proc)
     got = pd.DataFrame(predictions)[["proba_0", "proba_1", "proba_2"]].to_numpy()
     np.testing.assert_allclose(got, model.predict_proba(X), rtol=1e-12, atol=0)
+
+
+def test_warm_up_model_logging_builds_mlflows_package_map_without_a_store(tmp_path, monkeypatch):
+    from mlflow.utils import requirements_utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    tracking.warm_up_model_logging()
+    assert requirements_utils._PACKAGES_TO_MODULES  # filled: the first log_model skips it
+    assert "numpy" in requirements_utils._PACKAGES_TO_MODULES
+    assert list(tmp_path.iterdir()) == []  # no store, no mlruns
