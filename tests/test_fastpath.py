@@ -301,3 +301,139 @@ def test_full_batch_divergence_is_dated_the_same_whatever_eval_every(fast):
     first = diverged_at(1)
     assert diverged_at(7) == first
     assert diverged_at(50) == first
+
+
+# ----------------------------------------------------------------- bound step programs
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_programs_equal_the_in_place_kernels(name, dtype, order):
+    act = get_activation(name, slope=0.2, alpha=0.5)
+    rng = np.random.default_rng(5)
+    z = np.asarray(rng.normal(size=(30, 4)) * 4, dtype=dtype, order=order)
+    out, want = np.empty_like(z), np.empty_like(z)
+    for op in act.forward_program(z, out):
+        op()
+    act.forward_to(z, want)
+    np.testing.assert_array_equal(out, want)
+    if act.output_only:
+        return
+    g = np.asarray(rng.normal(size=z.shape), dtype=dtype, order=order)
+    g_want = g.copy()
+    for op in act.backward_program(z, out, g, np.empty_like(z)):
+        op()
+    act.backward_to(z, want, g_want, np.empty_like(z))
+    np.testing.assert_array_equal(g, g_want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 32), (300, 64)])
+def test_relu_backward_is_the_straightforward_mask(dtype, shape):
+    # Small arrays take ceil(fmin(a, 1)), large ones the comparison: both must give
+    # grad * (z > 0), also at 0, -0, denormals, the largest floats and (z, a) in place.
+    from pipeline.activations import RELU_CEIL_MAX_SIZE
+
+    assert (shape[0] * shape[1] <= RELU_CEIL_MAX_SIZE) == (shape == (64, 32))
+    act = ACTIVATIONS["relu"]
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=shape).astype(dtype)
+    z.flat[:8] = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal,
+                  info.tiny, info.max, -info.max, 1.0]
+    g = rng.normal(size=shape).astype(dtype)
+    want = g * (z > 0)
+    a = act.forward(z)
+    for in_place in (False, True):
+        got = g.copy()
+        zz = a if in_place else z  # the workspace passes relu(z) as z (computed in place)
+        act.backward_to(zz, a, got, np.empty_like(z))
+        np.testing.assert_array_equal(got, want)
+        got = g.copy()
+        for op in act.backward_program(zz, a, got, np.empty_like(z)):
+            op()
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", [n for n, loss in LOSSES.items() if loss.fused])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_delta_program_equals_delta(name, dtype):
+    loss = get_loss(name)
+    rng = np.random.default_rng(8)
+    for output in {*loss.fused, "sigmoid", "identity"}:
+        if not _fits(loss, output):
+            continue
+        units = 3 if output == "softmax" else 2
+        z = rng.normal(size=(12, units)).astype(dtype)
+        act = ACTIVATIONS[output]
+        a = act.forward(z)
+        T = np.eye(units, dtype=dtype)[rng.integers(0, units, 12)]
+        T[0] *= 0.5  # row sums other than 1
+        out = np.empty_like(z)
+        for op in loss.delta_program(z, a, T, act, out):
+            op()
+        np.testing.assert_array_equal(out, loss.delta(z, a, T, act))
+
+
+def _fits(loss, output: str) -> bool:
+    try:
+        loss.check_output(output, 3 if output == "softmax" else 2)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity"])
+@pytest.mark.parametrize(("output", "loss", "units"), PAIRS[:3])
+def test_unfolded_bias_workspace_equals_reference(monkeypatch, activation, output, loss,
+                                                  units):
+    # Biases added after the products instead of folded into them (the path a model takes
+    # below FOLD_MIN_ELEMENTS).
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
+    rng = np.random.default_rng(9)
+    model = MLP([4, 5, 3, units], activation=activation, output=output, seed=2)
+    assert not model._workspace(40).fold
+    X = rng.normal(size=(40, 4))
+    T = model.encode_targets(rng.integers(0, max(units, 2), 40))
+    L = get_loss(loss)
+    v_fast = model._value_and_grad(X, T, L, True)
+    g_fast = model.grad.copy()
+    v_ref = model._value_and_grad_reference(X, T, L, True)
+    np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+    np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_workspace_buffers_are_aligned_column_major_views_of_one_block():
+    from pipeline.nn import _arena
+
+    arrays = _arena(7, [3, 1, 5], np.float32)
+    base = arrays[0].base
+    for a, w in zip(arrays, [3, 1, 5], strict=True):
+        assert a.shape == (7, w) and a.flags.f_contiguous
+        assert a.ctypes.data % 64 == 0
+        assert a.base is base
+    # No overlap: writing each array leaves the others intact.
+    for k, a in enumerate(arrays):
+        a[...] = k
+    for k, a in enumerate(arrays):
+        assert np.all(a == k)
+
+
+def test_a_workspace_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    model = MLP([3, 4, 1], seed=0)
+    X, y = _data(n=20)
+    model._value_and_grad(model.check_input(X), model.encode_targets(y), get_loss("bce"),
+                          False)
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None  # freed by reference counting, no cycle through a workspace
+    finally:
+        gc.enable()
