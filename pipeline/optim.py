@@ -36,6 +36,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -670,42 +671,58 @@ class Adam(Optimizer):
 
     def bind(self, n_params: int, n_weight_params: int, dtype: Any = np.float64) -> Adam:
         super().bind(n_params, n_weight_params, dtype)
-        # m and v as the two rows of one array, and their increments as the rows of a
-        # second: both moment updates then take two calls instead of four (on small
-        # networks an optimiser step costs its number of numpy calls).
-        n = self._n
-        self._mv = np.zeros((2, n), dtype=self._dtype)
-        self._mv_inc = np.empty((2, n), dtype=self._dtype)
-        self._buffers["m"], self._buffers["v"] = self._mv[0], self._mv[1]
-        self._buffers["moment_increments"] = self._mv_inc
-        self._m, self._v = self._mv[0], self._mv[1]
+        # The betas, and the two scalars of a step, as 0-d arrays of the dtype: numpy
+        # converts a Python float operand on every call (0.3 us each), a 0-d array it
+        # takes as is; the same numbers (a Python float meets float32 arrays as float32).
         b1, b2 = self.hyper["beta1"], self.hyper["beta2"]
-        self._betas = np.array([[b1], [b2]], dtype=self._dtype)
-        self._one_minus_betas = np.array([[1.0 - b1], [1.0 - b2]], dtype=self._dtype)
+        consts = (b1, 1.0 - b1, b2, 1.0 - b2)
+        self._b1, self._1_b1, self._b2, self._1_b2 = (np.array(c, self._dtype) for c in consts)
+        self._eps_t = np.zeros((), self._dtype)  # eps * sqrt(1 - b2**t)
+        self._step_size = np.zeros((), self._dtype)  # lr * sqrt(1 - b2**t) / (1 - b1**t)
+        self._step_vector = None
+        self._program: tuple = (None, None, None, [])
         return self
 
     def _update(self, params: np.ndarray, g: np.ndarray, lr: float) -> None:
-        b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
-        m, v, tmp = self._m, self._v, self._tmp
-        # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g**2, the same arithmetic as one
-        # moment at a time, on the stacked rows.
-        inc = self._mv_inc
-        # inc = [(1 - b1) g; (1 - b2) g * g]: one broadcast multiply, then one more.
-        np.multiply(g, self._one_minus_betas, out=inc)
-        inc[1] *= g
-        self._mv *= self._betas
-        self._mv += inc
-        t = self.t
-        bc1 = 1.0 - b1**t
-        root_bc2 = math.sqrt(1.0 - b2**t)
+        hyper, t = self.hyper, self.t
+        bc1 = 1.0 - hyper["beta1"] ** t
+        root_bc2 = math.sqrt(1.0 - hyper["beta2"] ** t)
         # lr m_hat / (sqrt(v_hat) + eps) = (lr root_bc2 / bc1) m / (sqrt(v) + eps root_bc2):
         # the bias corrections become two scalars, so the update is five passes over the
         # parameters (PyTorch's form of the same expression).
-        np.sqrt(v, out=tmp)
-        tmp += eps * root_bc2
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr * root_bc2 / bc1
-        np.subtract(params, tmp, out=params)
+        self._eps_t[()] = hyper["eps"] * root_bc2
+        if isinstance(lr, np.ndarray):
+            # One lr per parameter (replicas trained with one lr each): a step size vector.
+            step = self._step_vector
+            if step is None:
+                step = self._step_vector = np.empty(self._n, dtype=self._dtype)
+            np.multiply(lr, root_bc2, out=step)
+            np.divide(step, bc1, out=step)
+        else:
+            step = self._step_size
+            step[()] = lr * root_bc2 / bc1
+        # The calls are bound to the arrays once, and reused while the caller passes the
+        # same ones (a training run always does).
+        bound = self._program
+        if params is not bound[0] or g is not bound[1] or step is not bound[2]:
+            bound = self._program = (params, g, step, self._ops(params, g, step))
+        for op in bound[3]:
+            op()
+
+    def _ops(self, params: np.ndarray, g: np.ndarray, step: np.ndarray) -> list:
+        m, v, tmp = self._m, self._v, self._tmp
+        mul, add = np.multiply, np.add
+        # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g**2, in the reference's order of
+        # operations; then params -= step * m / (sqrt(v) + eps_t).
+        return [
+            partial(mul, m, self._b1, m), partial(mul, g, self._1_b1, tmp),
+            partial(add, m, tmp, m),
+            partial(mul, v, self._b2, v), partial(mul, g, self._1_b2, tmp),
+            partial(mul, tmp, g, tmp), partial(add, v, tmp, v),
+            partial(np.sqrt, v, tmp), partial(add, tmp, self._eps_t, tmp),
+            partial(np.divide, m, tmp, tmp), partial(mul, tmp, step, tmp),
+            partial(np.subtract, params, tmp, params),
+        ]
 
 
 class AdamW(Adam):
