@@ -409,7 +409,11 @@ def test_unfolded_bias_workspace_equals_reference(monkeypatch, activation, outpu
 def test_workspace_buffers_are_aligned_column_major_views_of_one_block():
     from pipeline.nn import _arena
 
-    arrays = _arena(7, [3, 1, 5], np.float32)
+    class Owner:
+        pass
+
+    owner = Owner()
+    arrays = _arena(owner, 7, [3, 1, 5], np.float32)
     base = arrays[0].base
     for a, w in zip(arrays, [3, 1, 5], strict=True):
         assert a.shape == (7, w) and a.flags.f_contiguous
@@ -437,3 +441,28 @@ def test_a_workspace_does_not_keep_its_model_alive():
         assert ref() is None  # freed by reference counting, no cycle through a workspace
     finally:
         gc.enable()
+
+
+def test_memory_of_a_dead_workspace_is_reused_and_never_shared():
+    from pipeline.nn import _SPARE_BLOCKS
+
+    X, y = _data(n=300)
+    loss = get_loss("bce")
+
+    def train_and_forward(seed):
+        model = MLP([3, 40, 1], seed=seed)
+        T = model.encode_targets(y)
+        model._value_and_grad(model.check_input(X), T, loss, False)
+        ws = model._workspaces[300]
+        return model, ws.Ain[0].base, model.grad.copy()
+
+    first, block, grad_first = train_and_forward(0)
+    second, block_second, _ = train_and_forward(1)
+    assert block_second is not block  # both alive: never shared
+    del first
+    assert any(b is block for b in _SPARE_BLOCKS.free)
+    third, block_third, grad_third = train_and_forward(0)
+    assert block_third is block  # warm memory, same numbers
+    np.testing.assert_array_equal(grad_third, grad_first)
+    assert not any(b is block for b in _SPARE_BLOCKS.free)
+    del second, third
