@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -409,6 +409,18 @@ class MLP:
             ws = self._workspace(X.shape[0])
         return ws.value_and_grad(X, T, loss, compute_value)
 
+    def _train_program(self, n: int, loss: Loss, update: list) -> Callable[[Array, Array], None]:
+        """``run(X, T)``: one training step on ``n``-row batches as one list of bound calls.
+
+        The step of :meth:`_value_and_grad` (without the loss value) followed by the
+        optimiser's ``update`` calls (:meth:`pipeline.optim.Optimizer._program`): for the
+        trainer, whose step is the same arrays every time.
+        """
+        ws = self._workspaces.get(n)
+        if ws is None:
+            ws = self._workspace(n)
+        return ws.train_program(loss, update)
+
     def _value_and_grad_reference(
         self, X: Array, T: Array, loss: Loss, compute_value: bool
     ) -> float:
@@ -637,6 +649,21 @@ class _Workspace:
         for op in self._step_ops:
             op()
         return loss.value(self.Z[-1], self.A[-1], T) if compute_value else float("nan")
+
+    def train_program(self, loss: Loss, update: list) -> Callable[[Array, Array], None]:
+        """See :meth:`MLP._train_program`."""
+        if loss is not self._loss:
+            self._compile(loss)
+        ops = [*self._step_ops, *update]
+        x_in, t_in = self.x_in, self.t_in
+
+        def run(X: Array, T: Array) -> None:
+            x_in[...] = X
+            t_in[...] = T
+            for op in ops:
+                op()
+
+        return run
 
     def _compile(self, loss: Loss) -> None:
         """The step program for ``loss``: forward, fused output gradient, backward."""

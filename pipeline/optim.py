@@ -483,6 +483,15 @@ class Optimizer:
             np.multiply(w, 1.0 - lr_w * self.weight_decay, out=w)
         self._update(params, g, lr)
 
+    def _program(self, params: np.ndarray, grad: np.ndarray) -> list[Callable[[], object]]:
+        """:meth:`_step` on these arrays as a list of argument-free calls.
+
+        For a training loop that passes the same two arrays every step: it can then run
+        the update as part of one flat list of bound calls (see
+        :meth:`pipeline.nn.MLP._train_program`). Running the list once is one step.
+        """
+        return [partial(self._step, params, grad)]
+
     def _penalised_grad(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
         """Fill the internal gradient buffer with grad + wd * w + l1 * sign(w)."""
         nw = self._nw
@@ -680,10 +689,46 @@ class Adam(Optimizer):
         self._eps_t = np.zeros((), self._dtype)  # eps * sqrt(1 - b2**t)
         self._step_size = np.zeros((), self._dtype)  # lr * sqrt(1 - b2**t) / (1 - b1**t)
         self._step_vector = None
-        self._program: tuple = (None, None, None, [])
+        self._decay = np.zeros((), self._dtype)  # 1 - lr * weight_decay (AdamW)
+        self._bound: tuple = (None, None, None, [])
         return self
 
     def _update(self, params: np.ndarray, g: np.ndarray, lr: float) -> None:
+        step = self._scalars(lr)
+        # The calls are bound to the arrays once, and reused while the caller passes the
+        # same ones (a training run always does).
+        bound = self._bound
+        if params is not bound[0] or g is not bound[1] or step is not bound[2]:
+            bound = self._bound = (params, g, step, self._ops(params, g, step))
+        for op in bound[3]:
+            op()
+
+    def _program(self, params: np.ndarray, grad: np.ndarray) -> list:
+        if (
+            type(self)._update is not Adam._update
+            or type(self)._step is not Optimizer._step
+            or isinstance(self.current_lr, np.ndarray)
+        ):
+            return super()._program(params, grad)
+        ops: list = [self._advance]
+        g = grad
+        if self._needs_grad_copy:
+            ops.append(partial(self._penalised_grad, params, grad))
+            g = self._g
+        if self._decoupled_l2:
+            w = params[: self._nw]
+            ops.append(partial(np.multiply, w, self._decay, w))
+        return ops + self._ops(params, g, self._step_size)
+
+    def _advance(self) -> None:
+        """What :meth:`_step` does before the update's numpy calls, for a scalar lr."""
+        self.t += 1
+        self._scalars(self.current_lr)
+        if self._decoupled_l2:
+            self._decay[()] = 1.0 - self.current_lr * self.weight_decay
+
+    def _scalars(self, lr: float | np.ndarray) -> np.ndarray:
+        """Set the step's scalars for step ``t``; returns the step size operand."""
         hyper, t = self.hyper, self.t
         bc1 = 1.0 - hyper["beta1"] ** t
         root_bc2 = math.sqrt(1.0 - hyper["beta2"] ** t)
@@ -691,23 +736,16 @@ class Adam(Optimizer):
         # the bias corrections become two scalars, so the update is five passes over the
         # parameters (PyTorch's form of the same expression).
         self._eps_t[()] = hyper["eps"] * root_bc2
-        if isinstance(lr, np.ndarray):
-            # One lr per parameter (replicas trained with one lr each): a step size vector.
-            step = self._step_vector
-            if step is None:
-                step = self._step_vector = np.empty(self._n, dtype=self._dtype)
-            np.multiply(lr, root_bc2, out=step)
-            np.divide(step, bc1, out=step)
-        else:
-            step = self._step_size
-            step[()] = lr * root_bc2 / bc1
-        # The calls are bound to the arrays once, and reused while the caller passes the
-        # same ones (a training run always does).
-        bound = self._program
-        if params is not bound[0] or g is not bound[1] or step is not bound[2]:
-            bound = self._program = (params, g, step, self._ops(params, g, step))
-        for op in bound[3]:
-            op()
+        if not isinstance(lr, np.ndarray):
+            self._step_size[()] = lr * root_bc2 / bc1
+            return self._step_size
+        # One lr per parameter (replicas trained with one lr each): a step size vector.
+        step = self._step_vector
+        if step is None:
+            step = self._step_vector = np.empty(self._n, dtype=self._dtype)
+        np.multiply(lr, root_bc2, out=step)
+        np.divide(step, bc1, out=step)
+        return step
 
     def _ops(self, params: np.ndarray, g: np.ndarray, step: np.ndarray) -> list:
         m, v, tmp = self._m, self._v, self._tmp

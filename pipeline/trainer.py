@@ -349,6 +349,13 @@ def fit(
     # checks of Optimizer.step can be skipped (unless a subclass has its own step).
     fast_step = fast and type(optimizer).step is _OPTIMIZER_STEP
     step = optimizer._step if fast_step else optimizer.step
+    # The fast path's batches are fixed views (refilled each epoch), so each one's whole
+    # step, the model's and the optimiser's calls, is bound once as one list of calls.
+    programs = None
+    if fast_step and type(model)._value_and_grad is MLP._value_and_grad:
+        update = optimizer._program(params, grad)
+        programs = [(model._train_program(xb.shape[0], loss, update), xb, tb)
+                    for xb, tb in epoch_batches.views]
     # Full batch: the first (only) step of an epoch sees exactly the parameters the
     # previous epoch ended with, so its loss, cheap next to the forward pass it needs
     # anyway, is the training loss an evaluation of that epoch would have found. A loss
@@ -365,18 +372,23 @@ def fit(
             keep_previous = evaluate_now and diagnostics
             check_loss = check_unevaluated and not evaluated_last
             evaluated_last = evaluate_now
-            for k, (xb, tb) in enumerate(epoch_batches()):
-                if check_loss:
-                    value = value_and_grad(xb, tb, loss, True)
-                    if not np.isfinite(value):
-                        raise DivergenceError(epoch - 1, f"loss became {value}")
-                else:
-                    value_and_grad(xb, tb, loss, False)
-                if keep_previous and k == n_batches - 1:
-                    # Kept to report the size of the epoch's last update relative to the
-                    # weights.
-                    previous[...] = params
-                step(params, grad)
+            if programs is not None and not check_loss and not keep_previous:
+                epoch_batches()  # refills the shuffled data the programs' batches view
+                for run, xb, tb in programs:
+                    run(xb, tb)
+            else:
+                for k, (xb, tb) in enumerate(epoch_batches()):
+                    if check_loss:
+                        value = value_and_grad(xb, tb, loss, True)
+                        if not np.isfinite(value):
+                            raise DivergenceError(epoch - 1, f"loss became {value}")
+                    else:
+                        value_and_grad(xb, tb, loss, False)
+                    if keep_previous and k == n_batches - 1:
+                        # Kept to report the size of the epoch's last update relative to
+                        # the weights.
+                        previous[...] = params
+                    step(params, grad)
             if not _all_finite(params):
                 raise DivergenceError(epoch, "parameters became non-finite")
             if not evaluate_now:

@@ -466,3 +466,53 @@ def test_memory_of_a_dead_workspace_is_reused_and_never_shared():
     np.testing.assert_array_equal(grad_third, grad_first)
     assert not any(b is block for b in _SPARE_BLOCKS.free)
     del second, third
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("batch_size", [None, 16, 1])
+@pytest.mark.parametrize("penalties", [{}, {"weight_decay": 0.01, "l1": 0.001}])
+def test_bound_step_programs_train_like_the_reference(monkeypatch, optimizer, batch_size,
+                                                      penalties):
+    # Without diagnostics (and between evaluations) the trainer runs each step as one
+    # list of bound calls, the model's and the optimiser's (Adam's own, the others' _step).
+    import pipeline.nn as nn_module
+
+    built = []
+    original = nn_module._Workspace.train_program
+
+    def counting(self, loss, update):
+        built.append(self.n)
+        return original(self, loss, update)
+
+    monkeypatch.setattr(nn_module._Workspace, "train_program", counting)
+    epochs = 3 if batch_size == 1 else 8
+    kw = dict(optimizer=optimizer, batch_size=batch_size, epochs=epochs, diagnostics=False,
+              eval_every=3, **penalties)
+    fast, h_fast = _fit_with(True, **kw)
+    assert built  # the programs ran
+    ref, h_ref = _fit_with(False, **kw)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    for key in h_ref.metrics:
+        np.testing.assert_allclose(h_fast.metrics[key], h_ref.metrics[key], rtol=1e-7,
+                                   atol=1e-10, err_msg=key)
+
+
+def test_bound_step_programs_for_softmax_in_float32():
+    kw = dict(sizes=(3, 8, 3), activation="relu", output="softmax", loss="cross_entropy", k=3,
+              batch_size=25, dtype=np.float32, diagnostics=False, eval_every=4)
+    fast, _ = _fit_with(True, **kw)
+    ref, _ = _fit_with(False, **kw)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-5, atol=1e-6)
+
+
+def _fit_with(fast: bool, *, optimizer: str = "adam", dtype=np.float64, sizes=(3, 8, 6, 1),
+              activation="relu", output="sigmoid", loss="bce", batch_size=None, epochs=12,
+              k: int = 2, diagnostics=True, eval_every=1, **opt_kwargs):
+    X, y = _data(k=k)
+    model = MLP(list(sizes), activation=activation, output=output, seed=3, dtype=dtype)
+    opt = make_optimizer(optimizer, lr=0.05 if optimizer not in ("adam", "adamw") else 0.01,
+                         **opt_kwargs)
+    history = fit(model, X, y, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size,
+                  seed=7, fast=fast, diagnostics=diagnostics, eval_every=eval_every)
+    assert opt.t == epochs * -(-len(X) // (batch_size or len(X)))
+    return model, history
