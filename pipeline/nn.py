@@ -409,17 +409,22 @@ class MLP:
             ws = self._workspace(X.shape[0])
         return ws.value_and_grad(X, T, loss, compute_value)
 
-    def _train_program(self, n: int, loss: Loss, update: list) -> Callable[[Array, Array], None]:
+    def _train_program(
+        self, n: int, loss: Loss, update: list, packed: tuple[Array, Array] | None = None
+    ) -> Callable[[Array, Array], None]:
         """``run(X, T)``: one training step on ``n``-row batches as one list of bound calls.
 
         The step of :meth:`_value_and_grad` (without the loss value) followed by the
         optimiser's ``update`` calls (:meth:`pipeline.optim.Optimizer._program`): for the
-        trainer, whose step is the same arrays every time.
+        trainer, whose step is the same arrays every time. With ``packed=(P, dP)`` (a
+        model with biases only) the step reads the parameters from the packed working
+        copy ``P = params[packed_order(self)]`` and writes the gradient into ``dP`` in
+        the same order, leaving ``params`` and ``grad`` alone.
         """
         ws = self._workspaces.get(n)
         if ws is None:
             ws = self._workspace(n)
-        return ws.train_program(loss, update)
+        return ws.train_program(loss, update, packed)
 
     def _value_and_grad_reference(
         self, X: Array, T: Array, loss: Loss, compute_value: bool
@@ -557,19 +562,26 @@ class _Workspace:
             self.A.append(a)
         self.x_in = self.Ain[0][:, : sizes[0]]
         self.forward_ops = self._forward_ops()
-        self._grads = None  # the backward buffers and program, built with the first step
+        self.G = None  # the backward buffers and program, built with the first step
+        self._backward = None
         self._loss = None
         self._step_ops: list = []
 
-    def _forward_ops(self) -> list:
+    def _forward_ops(self, blocks: list[Array] | None = None) -> list:
+        """The forward pass's calls; ``blocks``: read ``[W_l; b_l]`` from these arrays
+        (views of a packed parameter vector, see :func:`packed_blocks`) instead of packing
+        them from the model's parameters every step."""
         dot, ops = np.dot, []
         biases = self.biases if self.biases is not None else [None] * len(self.weights)
         for i, (W, b, act) in enumerate(zip(self.weights, biases, self.acts, strict=True)):
             AinT, Z = self.Ain[i].T, self.Z[i]
             if self.fold:
-                Wb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=W.dtype)
-                ops += [_assign(Wb[:-1], W), _assign(Wb[-1], b),
-                        partial(dot, Wb.T, AinT, Z.T)]
+                if blocks is None:
+                    Wb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=W.dtype)
+                    ops += [_assign(Wb[:-1], W), _assign(Wb[-1], b)]
+                else:
+                    Wb = blocks[i]
+                ops.append(partial(dot, Wb.T, AinT, Z.T))
             else:
                 ops.append(partial(dot, W.T, AinT[: W.shape[0]], Z.T))
                 if b is not None:
@@ -578,26 +590,36 @@ class _Workspace:
                 ops += act.forward_program(Z, self.A[i + 1])
         return ops
 
-    def _build_grads(self) -> None:
-        """The backward buffers and program (:attr:`G`, targets, scratch, unpacking)."""
-        n, dt, dot = self.n, self.dtype, np.dot
-        widths, acts = self.sizes[1:], self.acts
-        hidden = widths[:-1]
+    def _grad_buffers(self) -> None:
+        """The backward buffers: :attr:`G`, the targets and the rules' scratch."""
+        n, widths = self.n, self.sizes[1:]
         # The hidden layers' backward rules run one at a time on one scratch, each a
         # contiguous view of its start; on long batches they run on column blocks small
         # enough for the cache (about 1 MB: the mask and the product then never make a
         # round trip to memory, 22 -> 12 ms for relu on 100,000 x 256), sharing a
         # block-sized scratch.
         cols = max(1, FOLD_BLOCK_ELEMENTS // n)
-        scratch_cols = min(cols, max(hidden, default=0))
-        bufs = _arena(self, n, [*widths, widths[-1], scratch_cols], dt)
-        self.G, self.t_in, scratch = bufs[: len(widths)], bufs[-2], bufs[-1]
+        scratch_cols = min(cols, max(widths[:-1], default=0))
+        bufs = _arena(self, n, [*widths, widths[-1], scratch_cols], self.dtype)
+        self.G, self.t_in, self.scratch = bufs[: len(widths)], bufs[-2], bufs[-1]
+
+    def _backward_ops(self, blocks: list[Array] | None = None,
+                      grad_blocks: list[Array] | None = None) -> list:
+        """The backward pass's calls; with ``blocks`` the weights are read from the packed
+        blocks and ``[dW_l; db_l]`` written into ``grad_blocks`` (no unpacking)."""
+        if self.G is None:
+            self._grad_buffers()
+        n, dt, dot, scratch = self.n, self.dtype, np.dot, self.scratch
+        widths, acts = self.sizes[1:], self.acts
         gbiases = self.grad_biases or [None] * len(widths)
         ops = []
         for i in reversed(range(len(widths))):
             W, G, dW, db = self.weights[i], self.G[i], self.grad_weights[i], gbiases[i]
             AinT = self.Ain[i].T
-            if self.fold:
+            if blocks is not None:
+                W = blocks[i][:-1]
+                ops.append(partial(dot, AinT, G, grad_blocks[i]))
+            elif self.fold:
                 dWb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=dt)
                 ops += [partial(dot, AinT, G, dWb), _assign(dW, dWb[:-1]),
                         _assign(db, dWb[-1])]
@@ -626,7 +648,7 @@ class _Workspace:
                 w = W.shape[0]
                 S = scratch.reshape(-1, order="F")[: n * w].reshape((n, w), order="F")
                 ops += act.backward_program(Z_prev, A_prev, G_prev, S)
-        self._grads = ops
+        return ops
 
     def load(self, X: Array) -> None:
         """Copy the batch into the first columns of ``[X, 1]``."""
@@ -650,11 +672,37 @@ class _Workspace:
             op()
         return loss.value(self.Z[-1], self.A[-1], T) if compute_value else float("nan")
 
-    def train_program(self, loss: Loss, update: list) -> Callable[[Array, Array], None]:
+    def _compile(self, loss: Loss) -> None:
+        """The step program for ``loss``: forward, fused output gradient, backward."""
+        if self._backward is None:
+            self._backward = self._backward_ops()
+        self._step_ops = [*self.forward_ops, *self._delta_ops(loss), *self._backward]
+        self._loss = loss
+
+    def _delta_ops(self, loss: Loss) -> list:
+        if self.G is None:
+            self._grad_buffers()
+        return loss.delta_program(self.Z[-1], self.A[-1], self.t_in, self.acts[-1],
+                                  self.G[-1])
+
+    def backward(self) -> None:
+        """Fill the model's flat gradient from ``G[-1] = dLoss/dZ_L`` by the chain rule."""
+        if self._backward is None:
+            self._backward = self._backward_ops()
+        for op in self._backward:
+            op()
+
+    def train_program(self, loss: Loss, update: list,
+                      packed: tuple[Array, Array] | None = None) -> Callable[[Array, Array], None]:
         """See :meth:`MLP._train_program`."""
-        if loss is not self._loss:
-            self._compile(loss)
-        ops = [*self._step_ops, *update]
+        if packed is None:
+            if loss is not self._loss:
+                self._compile(loss)
+            ops = [*self._step_ops, *update]
+        else:
+            blocks, grad_blocks = (packed_blocks(a, self.sizes) for a in packed)
+            ops = [*self._forward_ops(blocks), *self._delta_ops(loss),
+                   *self._backward_ops(blocks, grad_blocks), *update]
         x_in, t_in = self.x_in, self.t_in
 
         def run(X: Array, T: Array) -> None:
@@ -664,22 +712,6 @@ class _Workspace:
                 op()
 
         return run
-
-    def _compile(self, loss: Loss) -> None:
-        """The step program for ``loss``: forward, fused output gradient, backward."""
-        if self._grads is None:
-            self._build_grads()
-        delta = loss.delta_program(self.Z[-1], self.A[-1], self.t_in, self.acts[-1],
-                                   self.G[-1])
-        self._step_ops = [*self.forward_ops, *delta, *self._grads]
-        self._loss = loss
-
-    def backward(self) -> None:
-        """Fill the model's flat gradient from ``G[-1] = dLoss/dZ_L`` by the chain rule."""
-        if self._grads is None:
-            self._build_grads()
-        for op in self._grads:
-            op()
 
 
 # Biases are folded into the products (see _Workspace) when a layer holds at least this
@@ -747,6 +779,33 @@ class _SpareBlocks:
 
 
 _SPARE_BLOCKS = _SpareBlocks(64 << 20)
+
+
+def packed_order(model: MLP) -> Array:
+    """The permutation that packs ``model.params`` (or ``grad``) layer by layer.
+
+    ``params[packed_order(model)]`` holds, for each layer, ``[W_l; b_l]`` as one
+    row-major ``(fan_in + 1, fan_out)`` block (see :func:`packed_blocks`): the trainer's
+    working copy, whose blocks the folded products read (and write, for the gradient)
+    in place of packing and unpacking them every step.
+    """
+    parts, w_offset, b_offset = [], 0, model.n_weight_params
+    for fan_in, fan_out in zip(model.sizes[:-1], model.sizes[1:], strict=True):
+        parts += [np.arange(w_offset, w_offset + fan_in * fan_out),
+                  np.arange(b_offset, b_offset + fan_out)]
+        w_offset += fan_in * fan_out
+        b_offset += fan_out
+    return np.concatenate(parts)
+
+
+def packed_blocks(flat: Array, sizes: Sequence[int]) -> list[Array]:
+    """The ``[W_l; b_l]`` blocks of a packed vector (see :func:`packed_order`), as views."""
+    blocks, offset = [], 0
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        size = (fan_in + 1) * fan_out
+        blocks.append(flat[offset : offset + size].reshape(fan_in + 1, fan_out))
+        offset += size
+    return blocks
 
 
 def _assign(dst: Array, src: Array):

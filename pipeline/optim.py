@@ -483,6 +483,23 @@ class Optimizer:
             np.multiply(w, 1.0 - lr_w * self.weight_decay, out=w)
         self._update(params, g, lr)
 
+    def _reorder(self, order: np.ndarray) -> None:
+        """Permute the state in place, ``state[...] = state[order]`` for every state array.
+
+        The update is elementwise, so an optimiser may run on a permuted copy of the
+        parameters (the trainer's packed working copy) with its state permuted alike,
+        as long as no penalty needs the weights to come first (:attr:`_uniform`).
+        """
+        for name in self.state_names:
+            state = self._buffers[name]
+            np.take(state, order, out=self._tmp)
+            state[...] = self._tmp
+
+    @property
+    def _uniform(self) -> bool:
+        """Whether the update treats every parameter alike (no penalty on the weights)."""
+        return not (self._needs_grad_copy or self._decoupled_l2)
+
     def _program(self, params: np.ndarray, grad: np.ndarray) -> list[Callable[[], object]]:
         """:meth:`_step` on these arrays as a list of argument-free calls.
 

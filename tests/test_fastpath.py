@@ -480,9 +480,9 @@ def test_bound_step_programs_train_like_the_reference(monkeypatch, optimizer, ba
     built = []
     original = nn_module._Workspace.train_program
 
-    def counting(self, loss, update):
+    def counting(self, loss, update, packed=None):
         built.append(self.n)
-        return original(self, loss, update)
+        return original(self, loss, update, packed)
 
     monkeypatch.setattr(nn_module._Workspace, "train_program", counting)
     epochs = 3 if batch_size == 1 else 8
@@ -516,3 +516,83 @@ def _fit_with(fast: bool, *, optimizer: str = "adam", dtype=np.float64, sizes=(3
                   seed=7, fast=fast, diagnostics=diagnostics, eval_every=eval_every)
     assert opt.t == epochs * -(-len(X) // (batch_size or len(X)))
     return model, history
+
+
+def _recorded_run(fast: bool, fail_at: int | None = None, **opt_kwargs):
+    """Train with the packed working copy where possible (no diagnostics), recording what
+    callbacks see: parameters, gradient and optimiser state after each evaluation."""
+    X, y = _data()
+    model = MLP([3, 8, 6, 1], activation="relu", seed=3)
+    opt = make_optimizer("adam", lr=0.01, **opt_kwargs)
+    seen = []
+
+    def record(epoch, metrics):
+        seen.append((model.params.copy(), model.grad.copy(),
+                     {k: v.copy() for k, v in opt.state_dict()["state"].items()}))
+        if epoch == fail_at:
+            raise RuntimeError("stop here")
+
+    try:
+        fit(model, X, y, loss="bce", optimizer=opt, epochs=9, batch_size=16, seed=7,
+            fast=fast, diagnostics=False, eval_every=3, callbacks=[record])
+    except RuntimeError:
+        pass
+    return model, opt, seen
+
+
+@pytest.mark.parametrize("fail_at", [None, 6])
+def test_packed_working_copy_is_invisible_outside_the_steps(monkeypatch, fail_at):
+    import pipeline.trainer as trainer_module
+
+    used = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    fast, opt_fast, seen_fast = _recorded_run(True, fail_at)
+    assert used and all(used)  # every epoch ran on the packed copy
+    ref, opt_ref, seen_ref = _recorded_run(False, fail_at)
+    assert len(seen_fast) == len(seen_ref) == (2 if fail_at else 3)
+    for (p, g, state), (p_ref, g_ref, state_ref) in zip(seen_fast, seen_ref, strict=True):
+        np.testing.assert_allclose(p, p_ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+        for key in state_ref:
+            np.testing.assert_allclose(state[key], state_ref[key], rtol=1e-9, atol=1e-15)
+    # Also after a run ended by an exception: parameters and state in the model's order.
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    for key, value in opt_ref.state_dict()["state"].items():
+        np.testing.assert_allclose(opt_fast.state_dict()["state"][key], value, rtol=1e-9,
+                                   atol=1e-15)
+    assert opt_fast.t == opt_ref.t
+
+
+def test_penalties_keep_the_model_order(monkeypatch):
+    import pipeline.trainer as trainer_module
+
+    used = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    fast, _, _ = _recorded_run(True, weight_decay=0.01)
+    assert used and not any(used)  # the decay needs the weights first
+    ref, _, _ = _recorded_run(False, weight_decay=0.01)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+
+
+def test_packed_order_gives_each_layer_one_block():
+    from pipeline.nn import packed_blocks, packed_order
+
+    model = MLP([3, 4, 2], seed=0)
+    packed = model.params[packed_order(model)]
+    for block, W, b in zip(packed_blocks(packed, model.sizes), model.weights, model.biases,
+                           strict=True):
+        np.testing.assert_array_equal(block[:-1], W)
+        np.testing.assert_array_equal(block[-1], b)
+    assert sorted(packed_order(model)) == list(range(model.n_params))
