@@ -6,11 +6,13 @@ both the pre-activation ``z`` and the output ``a`` because for several functions
 derivative is cheaper in terms of the output (sigmoid: ``a (1 - a)``, tanh: ``1 - a**2``).
 Every function here is written to stay finite and warning-free for ``|z|`` up to 1e4.
 
-The training hot path (:meth:`pipeline.nn.MLP._value_and_grad`) calls the in-place twins
-``forward_into(z, out)`` and ``backward_into(z, a, g, scratch)``, which write into
-preallocated buffers instead of allocating a new array per call;
-:meth:`Activation.forward_to` / :meth:`Activation.backward_to` fall back to the allocating
-pair for an activation that has no in-place twin (a user-built one, gelu, softplus).
+The training hot path works in place: the twins ``forward_into(z, out)`` and
+``backward_into(z, a, g, scratch)`` write into preallocated buffers instead of allocating
+a new array per call, and :meth:`Activation.forward_program` /
+:meth:`Activation.backward_program` give the same calls bound once to given arrays (the
+step programs of :class:`pipeline.nn._Workspace`). :meth:`Activation.forward_to` /
+:meth:`Activation.backward_to` fall back to the allocating pair for an activation that has
+no in-place twin (a user-built one, gelu, softplus).
 """
 
 from __future__ import annotations
