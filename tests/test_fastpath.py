@@ -596,3 +596,16 @@ def test_packed_order_gives_each_layer_one_block():
         np.testing.assert_array_equal(block[:-1], W)
         np.testing.assert_array_equal(block[-1], b)
     assert sorted(packed_order(model)) == list(range(model.n_params))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_bound_step_programs_without_biases(optimizer):
+    # No biases: nothing to fold or pack; the programs read the model's weights directly.
+    def run(fast):
+        X, y = _data()
+        model = MLP([3, 5, 4, 1], activation="tanh", bias=False, seed=1)
+        fit(model, X, y, loss="bce", optimizer=make_optimizer(optimizer, lr=0.01), epochs=6,
+            batch_size=16, seed=7, fast=fast, diagnostics=False, eval_every=2)
+        return model.params
+
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-9, atol=1e-12)
