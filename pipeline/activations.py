@@ -6,11 +6,13 @@ both the pre-activation ``z`` and the output ``a`` because for several functions
 derivative is cheaper in terms of the output (sigmoid: ``a (1 - a)``, tanh: ``1 - a**2``).
 Every function here is written to stay finite and warning-free for ``|z|`` up to 1e4.
 
-The training hot path (:meth:`pipeline.nn.MLP._value_and_grad`) calls the in-place twins
-``forward_into(z, out)`` and ``backward_into(z, a, g, scratch)``, which write into
-preallocated buffers instead of allocating a new array per call;
-:meth:`Activation.forward_to` / :meth:`Activation.backward_to` fall back to the allocating
-pair for an activation that has no in-place twin (a user-built one, gelu, softplus).
+The training hot path works in place: the twins ``forward_into(z, out)`` and
+``backward_into(z, a, g, scratch)`` write into preallocated buffers instead of allocating
+a new array per call, and :meth:`Activation.forward_program` /
+:meth:`Activation.backward_program` give the same calls bound once to given arrays (the
+step programs of :class:`pipeline.nn._Workspace`). :meth:`Activation.forward_to` /
+:meth:`Activation.backward_to` fall back to the allocating pair for an activation that has
+no in-place twin (a user-built one, gelu, softplus).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from functools import partial
 import numpy as np
 
 Array = np.ndarray
+Op = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class Activation:
         ``backward_into(z, a, g, scratch)``: multiplies ``g`` in place by ``f'(z)`` (``g``
         holds ``dL/da`` on entry and ``dL/dz`` on exit); ``scratch`` is a spare array of
         the same shape it may overwrite. None where only ``backward`` exists.
+    forward_ops, backward_ops : callable or None
+        ``forward_ops(z, out)`` / ``backward_ops(z, a, g, scratch)``: the numpy calls of
+        ``forward_into`` / ``backward_into`` on these very arrays, as a list of
+        argument-free callables bound once (see :meth:`forward_program`).
     """
 
     name: str
@@ -61,6 +68,8 @@ class Activation:
     params: dict = field(default_factory=dict)
     forward_into: Callable[[Array, Array], None] | None = None
     backward_into: Callable[[Array, Array, Array, Array], None] | None = None
+    forward_ops: Callable[[Array, Array], list[Op]] | None = None
+    backward_ops: Callable[[Array, Array, Array, Array], list[Op]] | None = None
 
     def __call__(self, z: Array) -> Array:
         return self.forward(z)
@@ -78,6 +87,24 @@ class Activation:
             self.backward_into(z, a, g, scratch)
         else:
             np.copyto(g, self.backward(z, a, g))
+
+    def forward_program(self, z: Array, out: Array) -> list[Op]:
+        """:meth:`forward_to` on these arrays as argument-free calls, bound once.
+
+        Running the calls in order writes ``f(z)`` into ``out``, the same numbers as
+        :meth:`forward_to`. A training step on small batches costs its number of numpy
+        calls and the Python around them, so the fast path binds every call of a step
+        once (arrays and constants as positional arguments) and then only runs them.
+        """
+        if self.forward_ops is not None:
+            return self.forward_ops(z, out)
+        return [partial(self.forward_to, z, out)]
+
+    def backward_program(self, z: Array, a: Array, g: Array, scratch: Array) -> list[Op]:
+        """:meth:`backward_to` on these arrays as argument-free calls, bound once."""
+        if self.backward_ops is not None:
+            return self.backward_ops(z, a, g, scratch)
+        return [partial(self.backward_to, z, a, g, scratch)]
 
 
 # ----------------------------------------------------------------------------- functions
@@ -225,6 +252,24 @@ def _softmax_backward(z: Array, a: Array, grad_a: Array) -> Array:
 # are kept to the minimum and nothing is allocated.
 
 
+# numpy converts a Python float operand to an array on every call: a cached 0-d array of
+# the operands' dtype costs less (0.41 instead of 0.73 us for a 64 x 32 float32 multiply)
+# and holds the same number (a Python float meets a float32 array as float32, NEP 50).
+_CONSTANTS: dict[tuple, Array] = {}
+
+
+def const(value: float, dtype: np.dtype | type) -> Array:
+    """A cached read-only 0-d array of ``value`` in ``dtype``, for ufunc operands."""
+    key = (value, np.dtype(dtype).char)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        c = _CONSTANTS[key] = np.array(value, dtype=dtype)
+        c.flags.writeable = False
+    return c
+
+
 def _identity_into(z: Array, out: Array) -> None:
     np.copyto(out, z)
 
@@ -233,65 +278,114 @@ def _identity_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> Non
     return None
 
 
+# s(z) = (1 + tanh(z / 2)) / 2: the same function as sigmoid() to a few ulp, finite for
+# every z (tanh saturates, exp would overflow) and four vectorised passes where the
+# branch-free exp form needs seven.
+def _sigmoid_ops(z: Array, out: Array) -> list[Op]:
+    half = const(0.5, out.dtype)
+    return [partial(np.multiply, z, half, out), partial(np.tanh, out, out),
+            partial(np.multiply, out, half, out), partial(np.add, out, half, out)]
+
+
 def _sigmoid_into(z: Array, out: Array) -> None:
-    # s(z) = (1 + tanh(z / 2)) / 2: the same function as sigmoid() to a few ulp, finite for
-    # every z (tanh saturates, exp would overflow) and four vectorised passes where the
-    # branch-free exp form needs seven.
-    np.multiply(z, 0.5, out=out)
-    np.tanh(out, out=out)
-    np.multiply(out, 0.5, out=out)
-    np.add(out, 0.5, out=out)
+    half = const(0.5, out.dtype)
+    np.multiply(z, half, out)
+    np.tanh(out, out)
+    np.multiply(out, half, out)
+    np.add(out, half, out)
+
+
+def _sigmoid_backward_ops(z: Array, a: Array, g: Array, scratch: Array) -> list[Op]:
+    one = const(1.0, g.dtype)
+    return [partial(np.subtract, one, a, scratch), partial(np.multiply, scratch, a, scratch),
+            partial(np.multiply, g, scratch, g)]
 
 
 def _sigmoid_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
-    np.subtract(1.0, a, out=scratch)
-    np.multiply(scratch, a, out=scratch)
-    np.multiply(g, scratch, out=g)
+    np.subtract(const(1.0, g.dtype), a, scratch)
+    np.multiply(scratch, a, scratch)
+    np.multiply(g, scratch, g)
+
+
+def _tanh_ops(z: Array, out: Array) -> list[Op]:
+    return [partial(np.tanh, z, out)]
 
 
 def _tanh_into(z: Array, out: Array) -> None:
-    np.tanh(z, out=out)
+    np.tanh(z, out)
+
+
+def _tanh_backward_ops(z: Array, a: Array, g: Array, scratch: Array) -> list[Op]:
+    one = const(1.0, g.dtype)
+    return [partial(np.multiply, a, a, scratch), partial(np.subtract, one, scratch, scratch),
+            partial(np.multiply, g, scratch, g)]
 
 
 def _tanh_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
-    np.multiply(a, a, out=scratch)
-    np.subtract(1.0, scratch, out=scratch)
-    np.multiply(g, scratch, out=g)
+    np.multiply(a, a, scratch)
+    np.subtract(const(1.0, g.dtype), scratch, scratch)
+    np.multiply(g, scratch, g)
 
 
 # numpy's maximum against a scalar takes a slow broadcasting loop: against an array of
-# zeros it runs 3x faster (2 us instead of 7 us on 256 x 64 float32). Past about a
-# million elements memory traffic dominates and the scalar form, which reads one array
-# instead of two, wins again.
-_ZEROS: dict[tuple, Array] = {}
+# zeros it runs 3x faster (2 us instead of 7 us on 256 x 64 float32; a 0-d array is no
+# faster than the scalar here). Past about a million elements memory traffic dominates
+# and the scalar form, which reads one array instead of two, wins again.
+_FILLED: dict[tuple, Array] = {}
 _ZEROS_MAX_SIZE = 1 << 20
 
 
-def _zeros_like(z: Array) -> Array:
-    """A cached read-only array of zeros of ``z``'s shape, dtype and memory order."""
+def _filled_like(z: Array, value: float) -> Array:
+    """A cached read-only array of ``value`` of ``z``'s shape, dtype and memory order."""
     order = "F" if z.flags.f_contiguous and not z.flags.c_contiguous else "C"
-    key = (z.shape, z.dtype.char, order)
-    zeros = _ZEROS.get(key)
-    if zeros is None:
-        if len(_ZEROS) >= 32:
-            _ZEROS.clear()
-        zeros = _ZEROS[key] = np.zeros(z.shape, dtype=z.dtype, order=order)
-        zeros.flags.writeable = False
-    return zeros
+    key = (z.shape, z.dtype.char, order, value)
+    filled = _FILLED.get(key)
+    if filled is None:
+        if len(_FILLED) >= 32:
+            _FILLED.clear()
+        filled = _FILLED[key] = np.full(z.shape, value, dtype=z.dtype, order=order)
+        filled.flags.writeable = False
+    return filled
+
+
+def _bound(z: Array, value: float) -> Array | float:
+    """The second operand of a maximum/fmin of ``z`` against ``value`` (see above)."""
+    return _filled_like(z, value) if z.size <= _ZEROS_MAX_SIZE else value
+
+
+def _relu_ops(z: Array, out: Array) -> list[Op]:
+    return [bind(np.maximum, z, _bound(z, 0.0), out)]
 
 
 def _relu_into(z: Array, out: Array) -> None:
-    if z.size <= _ZEROS_MAX_SIZE:
-        np.maximum(z, _zeros_like(z), out=out)
-    else:
-        np.maximum(z, 0.0, out=out)
+    np.maximum(z, _bound(z, 0.0), out=out)
+
+
+# relu'(z) is (z > 0) (the derivative at exactly 0 is taken as 0, the convention of
+# PyTorch and sklearn). The comparison writes booleans that must then be cast to floats,
+# the slow part on small arrays (1.4 us on 64 x 32 float32). There, on the output
+# a = relu(z) >= 0 instead, ceil(fmin(a, 1)) is 1.0 for every a > 0 (denormals included)
+# and 0.0 for a == 0, in two plain float passes (0.41 + 0.42 us): the same numbers
+# wherever a is not NaN. From about 16,000 values on the passes over memory cost more
+# than the cast (59 vs 50 us on a 100,000 x 2 block), so larger arrays compare.
+# fmin, unlike minimum, takes a positional ``out``.
+RELU_CEIL_MAX_SIZE = 1 << 13
+
+
+def _relu_backward_ops(z: Array, a: Array, g: Array, scratch: Array) -> list[Op]:
+    if a.size > RELU_CEIL_MAX_SIZE:
+        return [partial(_relu_backward_into, z, a, g, scratch)]
+    return [partial(np.fmin, a, _filled_like(a, 1.0), scratch),
+            partial(np.ceil, scratch, scratch), partial(np.multiply, g, scratch, g)]
 
 
 def _relu_backward_into(z: Array, a: Array, g: Array, scratch: Array) -> None:
-    # (z > 0) as 0.0/1.0 in the scratch, then one multiply: the same numbers as
-    # grad_a * (z > 0) without the boolean temporary.
-    np.greater(z, 0.0, out=scratch)
-    np.multiply(g, scratch, out=g)
+    if a.size > RELU_CEIL_MAX_SIZE:
+        np.greater(z, 0.0, out=scratch)
+    else:
+        np.fmin(a, _filled_like(a, 1.0), scratch)
+        np.ceil(scratch, scratch)
+    np.multiply(g, scratch, g)
 
 
 # Up to this many columns, a reduction along rows runs as one elementwise call per
@@ -315,6 +409,39 @@ def row_reduce(ufunc: np.ufunc, z: Array) -> Array:
     return out
 
 
+def row_reduce_ops(ufunc: np.ufunc, z: Array, out: Array) -> list[Op]:
+    """:func:`row_reduce` into ``out`` (shape ``(n, 1)``) as argument-free calls."""
+    k = z.shape[1]
+    if k > ROW_REDUCE_MAX_COLUMNS or k < 2:
+        return [partial(ufunc.reduce, z, 1, None, out, True)]
+    return [bind(ufunc, z[:, 0:1], z[:, 1:2], out)] + [
+        bind(ufunc, out, z[:, j : j + 1], out) for j in range(2, k)
+    ]
+
+
+def bind(ufunc: np.ufunc, x: Array, y: Array, out: Array) -> Op:
+    """``ufunc(x, y, out)`` as an argument-free call.
+
+    ``out`` goes by position (no keyword dict to merge per call), except to np.maximum
+    and np.minimum, which take it only by keyword (a positional one is deprecated): for
+    those a closure costs less than a partial with a keyword.
+    """
+    if ufunc is np.maximum or ufunc is np.minimum:
+
+        def call() -> None:
+            ufunc(x, y, out=out)
+
+        return call
+    return partial(ufunc, x, y, out)
+
+
+def _softmax_ops(z: Array, out: Array) -> list[Op]:
+    r = np.empty((z.shape[0], 1), dtype=out.dtype)  # the row maximum, then the row sum
+    return [*row_reduce_ops(np.maximum, z, r), partial(np.subtract, z, r, out),
+            partial(np.exp, out, out), *row_reduce_ops(np.add, out, r),
+            partial(np.divide, out, r, out)]
+
+
 def _softmax_into(z: Array, out: Array) -> None:
     np.subtract(z, row_reduce(np.maximum, z), out=out)
     np.exp(out, out=out)
@@ -331,21 +458,25 @@ ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation(
         "sigmoid", sigmoid, _sigmoid_backward, "saturating",
         forward_into=_sigmoid_into, backward_into=_sigmoid_backward_into,
+        forward_ops=_sigmoid_ops, backward_ops=_sigmoid_backward_ops,
     ),
     "tanh": Activation(
         "tanh", np.tanh, _tanh_backward, "saturating",
         forward_into=_tanh_into, backward_into=_tanh_backward_into,
+        forward_ops=_tanh_ops, backward_ops=_tanh_backward_ops,
     ),
     "relu": Activation(
         "relu", _relu, _relu_backward, "relu",
         forward_into=_relu_into, backward_into=_relu_backward_into,
+        forward_ops=_relu_ops, backward_ops=_relu_backward_ops,
     ),
     "leaky_relu": _leaky_relu(0.01),
     "elu": _elu(1.0),
     "gelu": Activation("gelu", _gelu, _gelu_backward),
     "softplus": Activation("softplus", _softplus, _softplus_backward),
     "softmax": Activation(
-        "softmax", softmax, _softmax_backward, output_only=True, forward_into=_softmax_into
+        "softmax", softmax, _softmax_backward, output_only=True, forward_into=_softmax_into,
+        forward_ops=_softmax_ops,
     ),
 }
 

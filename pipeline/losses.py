@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from pipeline.activations import Activation, row_reduce, softmax
+from pipeline.activations import Activation, Op, const, row_reduce, row_reduce_ops, softmax
 
 Array = np.ndarray
 
@@ -52,6 +53,10 @@ class Loss:
     fused_delta_into : callable or None
         ``fused_delta_into(z, a, T, out)``: the same collapsed gradient written into a
         preallocated ``out`` (the training hot path; see :meth:`delta_into`).
+    fused_delta_ops : callable or None
+        ``fused_delta_ops(z, a, T, out)``: the calls of ``fused_delta_into`` on these very
+        arrays, as a list of argument-free callables bound once (see
+        :meth:`delta_program`).
     """
 
     name: str
@@ -63,6 +68,7 @@ class Loss:
     fused: tuple[str, ...] = ()
     fused_delta: Callable[[Array, Array, Array], Array] | None = None
     fused_delta_into: Callable[[Array, Array, Array, Array], None] | None = None
+    fused_delta_ops: Callable[[Array, Array, Array, Array], list[Op]] | None = None
 
     def delta(self, z: Array, a: Array, T: Array, output: Activation) -> Array:
         """Gradient of the mean loss with respect to the output pre-activation ``z``."""
@@ -76,6 +82,15 @@ class Loss:
             self.fused_delta_into(z, a, T, out)
         else:
             np.copyto(out, self.delta(z, a, T, output))
+
+    def delta_program(
+        self, z: Array, a: Array, T: Array, output: Activation, out: Array
+    ) -> list[Op]:
+        """:meth:`delta_into` on these arrays as argument-free calls, bound once (the
+        training step's program, see :meth:`Activation.forward_program`)."""
+        if output.name in self.fused and self.fused_delta_ops is not None:
+            return self.fused_delta_ops(z, a, T, out)
+        return [partial(self.delta_into, z, a, T, output, out)]
 
     def check_output(self, output: str, n_units: int) -> None:
         """Raise ValueError if this loss is not defined on ``n_units`` of ``output``."""
@@ -138,10 +153,16 @@ def _residual_over_n(z: Array, a: Array, T: Array) -> Array:
     return (a - T) / a.shape[0]
 
 
+# Division, not multiplication by 1/n, so the numbers equal _residual_over_n's; n as a 0-d
+# array of the dtype (cheaper than the Python int, the same number).
 def _residual_over_n_into(z: Array, a: Array, T: Array, out: Array) -> None:
-    # Division, not multiplication by 1/n, so the numbers equal _residual_over_n's.
-    np.subtract(a, T, out=out)
-    np.divide(out, a.shape[0], out=out)
+    np.subtract(a, T, out)
+    np.divide(out, const(a.shape[0], out.dtype), out)
+
+
+def _residual_over_n_ops(z: Array, a: Array, T: Array, out: Array) -> list[Op]:
+    n = const(a.shape[0], out.dtype)
+    return [partial(np.subtract, a, T, out), partial(np.divide, out, n, out)]
 
 
 # -------------------------------------------------------------- softmax cross-entropy
@@ -160,9 +181,16 @@ def _ce_delta(z: Array, a: Array, T: Array) -> Array:
 
 
 def _ce_delta_into(z: Array, a: Array, T: Array, out: Array) -> None:
-    np.multiply(a, row_reduce(np.add, T), out=out)
-    np.subtract(out, T, out=out)
-    np.divide(out, a.shape[0], out=out)
+    np.multiply(a, row_reduce(np.add, T), out)
+    np.subtract(out, T, out)
+    np.divide(out, const(a.shape[0], out.dtype), out)
+
+
+def _ce_delta_ops(z: Array, a: Array, T: Array, out: Array) -> list[Op]:
+    rows = np.empty((T.shape[0], 1), dtype=out.dtype)  # the targets' row sums
+    n = const(a.shape[0], out.dtype)
+    return [*row_reduce_ops(np.add, T, rows), partial(np.multiply, a, rows, out),
+            partial(np.subtract, out, T, out), partial(np.divide, out, n, out)]
 
 
 def _ce_grad(z: Array, a: Array, T: Array) -> Array:
@@ -200,14 +228,17 @@ LOSSES: dict[str, Loss] = {
     "half_sse": Loss(
         "half_sse", _half_sse_value, _half_sse_grad, fused=("identity",),
         fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
+        fused_delta_ops=_residual_over_n_ops,
     ),
     "bce": Loss(
         "bce", _bce_value, _bce_grad, outputs=("sigmoid",), fused=("sigmoid",),
         fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
+        fused_delta_ops=_residual_over_n_ops,
     ),
     "cross_entropy": Loss(
         "cross_entropy", _ce_value, _ce_grad, outputs=("softmax",), min_units=2,
         fused=("softmax",), fused_delta=_ce_delta, fused_delta_into=_ce_delta_into,
+        fused_delta_ops=_ce_delta_ops,
     ),
     "hinge": Loss("hinge", _hinge_value, _hinge_grad, outputs=("identity", "tanh")),
 }

@@ -20,7 +20,10 @@ then update every parameter in one vectorised call, and weight decay touches exa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -396,20 +399,32 @@ class MLP:
         """Unchecked fast path for the trainer, which validates its inputs once up front.
 
         Runs forward and backward in the preallocated workspace for this batch size
-        (see :class:`_Workspace`): matrix products with ``out=``, in-place activations,
-        the fused output gradient, bias gradients as ``ones @ delta``. The numbers equal
-        :meth:`_value_and_grad_reference` up to floating-point rounding.
+        (see :class:`_Workspace`): matrix products with ``out=`` and the biases folded
+        in, in-place activations, the fused output gradient, all as one prebuilt list of
+        bound numpy calls. The numbers equal :meth:`_value_and_grad_reference` up to
+        floating-point rounding.
         """
         ws = self._workspaces.get(X.shape[0])
         if ws is None:
             ws = self._workspace(X.shape[0])
-        ws.forward(X)
-        out = self.output_activation
-        Z, A, G = ws.Z[-1], ws.A[-1], ws.G[-1]
-        loss.delta_into(Z, A, T, out, G)
-        value = loss.value(Z, A, T) if compute_value else float("nan")
-        ws.backward()
-        return value
+        return ws.value_and_grad(X, T, loss, compute_value)
+
+    def _train_program(
+        self, n: int, loss: Loss, update: list, packed: tuple[Array, Array] | None = None
+    ) -> Callable[[Array, Array], None]:
+        """``run(X, T)``: one training step on ``n``-row batches as one list of bound calls.
+
+        The step of :meth:`_value_and_grad` (without the loss value) followed by the
+        optimiser's ``update`` calls (:meth:`pipeline.optim.Optimizer._program`): for the
+        trainer, whose step is the same arrays every time. With ``packed=(P, dP)`` (a
+        model with biases only) the step reads the parameters from the packed working
+        copy ``P = params[packed_order(self)]`` and writes the gradient into ``dP`` in
+        the same order, leaving ``params`` and ``grad`` alone.
+        """
+        ws = self._workspaces.get(n)
+        if ws is None:
+            ws = self._workspace(n)
+        return ws.train_program(loss, update, packed)
 
     def _value_and_grad_reference(
         self, X: Array, T: Array, loss: Loss, compute_value: bool
@@ -476,15 +491,26 @@ class MLP:
 class _Workspace:
     """Preallocated forward and backward buffers of one :class:`MLP` for ``n``-row batches.
 
-    Memory layout, chosen per workspace by :func:`_layout`:
+    Layout: units-major. Every ``(n, w)`` buffer is column-major, which is the row-major
+    ``(w, n)`` array of its transpose, and the products run on those transposes through
+    ``np.dot`` (half the call cost of ``np.matmul`` on small shapes; ``np.dot`` wants a
+    row-major ``out``). Each unit's values are then contiguous: elementwise passes, the
+    column calls of a narrow softmax and the ones column below run at full speed.
 
-    - Row-major (C order) for short batches (a mini-batch of 64 or 256 rows): products
-      then go through ``np.dot``, whose call costs about half of ``np.matmul``'s on such
-      sizes, and ``np.dot`` also forms the ``(b, 1) @ (1, h)`` outer product of a
-      one-unit layer on the BLAS path (``np.matmul`` falls off it, several times slower).
-    - Column-major (Fortran order) when the batch is long and the layers narrow
-      (1,000 rows of 3 to 16 units): adding the bias row and the outer product then
-      run along contiguous columns, 2-5x faster than across short rows.
+    Biases are folded into the products: every layer's input is kept with a trailing
+    column of ones, ``[A_{l-1}, 1]``, so ``Z_l = [A_{l-1}, 1] @ [W_l; b_l]`` adds the bias
+    inside the product, and ``[A_{l-1}, 1].T @ delta_l`` gives ``dW_l`` and ``db_l`` in one
+    product. In column-major order the first ``fan_in`` columns of ``[A_{l-1}, 1]`` are a
+    contiguous array, so ``A_{l-1}`` is written there directly. ``[W_l; b_l]`` is packed
+    per step (and the gradient unpacked) with slice assignments, a tenth of a microsecond
+    each on small layers where a broadcast bias add costs 1.4 us (64 x 32) to 4 us
+    (256 x 64), and a saving of two passes per layer on long batches.
+
+    A step runs as a *program*: the list of every numpy call of the forward pass, the
+    output gradient and the backward pass, each bound once to its arrays and constants
+    (positional arguments, no keyword parsing) when the workspace is built. On small
+    batches a step costs its number of calls and the Python around them, so running a
+    flat list of bound calls saves the loops, branches and lookups of walking the layers.
 
     Attributes
     ----------
@@ -495,210 +521,302 @@ class _Workspace:
         ``A[0]`` is the input of the last :meth:`forward`; ``A[l] = f_l(Z_l)``
         (the same array as ``Z[l-1]`` for an identity layer).
     G : list of arrays
-        ``G[l-1] = dLoss/dZ_l`` during the backward pass.
+        ``G[l-1] = dLoss/dZ_l`` after a gradient step (built with the first one).
     """
 
     def __init__(self, model: MLP, n: int) -> None:
-        dt = model.dtype
-        widths = model.sizes[1:]
-        acts = model.activations
-        order = _layout(n, widths)
         self.n = n
-        self.order = order
-        self.fold = order == "F" and model.bias and n * max(widths) >= FOLD_MIN_ELEMENTS
-        if self.fold:
-            self._init_folded(model)
-            return
-
-        def buf(w: int) -> Array:
-            return np.empty((n, w), dtype=dt, order=order)
-
-        self.Z = [buf(w) for w in widths]
-        # A hidden relu layer runs in place (A_l is Z_l): its derivative needs only the
-        # sign of z, which relu(z) keeps, and on long batches every buffer saved is a
-        # pass of first-touch page faults (100 MB per 256-unit layer at 100,000 rows).
-        self.A: list = [None] + [
-            z if act.name == "identity" or (act.name == "relu" and i < len(widths) - 1)
-            else buf(w)
-            for i, (z, w, act) in enumerate(zip(self.Z, widths, acts, strict=True))
-        ]
-        self.G = [buf(w) for w in widths]
-        # Scratch for the hidden layers' backward rules, which run one at a time: one
-        # buffer, each layer's scratch a contiguous view of its start.
-        hidden = widths[:-1]
-        scratch = np.empty(n * max(hidden, default=0), dtype=dt)
-        self.S = [scratch[: n * w].reshape((n, w), order=order) for w in hidden]
-        self.ones = np.ones(n, dtype=dt)
-        # np.dot needs a C-contiguous out; np.matmul takes any layout.
-        mm = np.dot if order == "C" else np.matmul
-        L = len(widths)
-        biases = model.biases if model.biases is not None else [None] * L
-        gbiases = model._grad_biases if model._grad_biases is not None else [None] * L
-        self.layers = [
-            (mm, W, b, self.Z[i], self.A[i + 1],
-             None if acts[i].name == "identity" else _forward_fn(acts[i]))
-            for i, (W, b) in enumerate(zip(model.weights, biases, strict=True))
-        ]
-        # Backward, output layer first: (layer index, G_l, dW_l, db_l, propagation) where
-        # propagation is (product, W_l or its single column, G_{l-1}, Z_{l-1}, A_{l-1},
-        # scratch, backward rule of layer l-1), None for the first layer.
-        self.back = []
-        for i in reversed(range(L)):
-            W = model.weights[i]
-            prop = None
-            if i > 0:
-                act = acts[i - 1]
-                rule = None if act.name == "identity" else _backward_fn(act)
-                if W.shape[1] == 1 and order == "F":
-                    # The outer product delta (n, 1) * w (h,): a broadcast multiply along
-                    # contiguous columns.
-                    prop = (np.multiply, W[:, 0], self.G[i - 1], self.Z[i - 1], self.A[i],
-                            self.S[i - 1], rule)
-                else:
-                    prop = (mm, W.T, self.G[i - 1], self.Z[i - 1], self.A[i],
-                            self.S[i - 1], rule)
-            self.back.append((i, self.G[i], model._grad_weights[i], gbiases[i], prop))
-
-    def _init_folded(self, model: MLP) -> None:
-        """Buffers of the long-batch layout with the biases folded into the products.
-
-        Every layer's input is kept with a trailing column of ones, ``[A_{l-1}, 1]``, so
-        ``Z_l = [A_{l-1}, 1] @ [W_l; b_l]`` adds the bias inside the product and
-        ``[A_{l-1}, 1].T @ delta_l`` gives ``dW_l`` and ``db_l`` in one product: two
-        passes over an ``(n, fan_out)`` array fewer per layer. In column-major order the
-        first ``fan_in`` columns of ``[A_{l-1}, 1]`` are a contiguous array, so ``A_{l-1}``
-        is written there directly. ``[W_l; b_l]`` is packed (and the gradient unpacked)
-        with small copies, which cost little next to the passes saved on long batches.
-        """
-        n, dt = self.n, model.dtype
-        sizes, acts = model.sizes, model.activations
+        self.fold = model.bias and n * max(model.sizes[1:]) >= FOLD_MIN_ELEMENTS
+        sizes, acts, dt = model.sizes, model.activations, model.dtype
+        # The model's parts, not the model: a workspace held by its model must not hold
+        # it back (a reference cycle would keep large buffers alive until a gc pass).
+        self.sizes, self.acts, self.dtype = sizes, acts, dt
+        self.weights, self.biases = model.weights, model.biases
+        self.grad_weights, self.grad_biases = model._grad_weights, model._grad_biases
         widths = sizes[1:]
         L = len(widths)
-
-        def buf(w: int) -> Array:
-            return np.empty((n, w), dtype=dt, order="F")
-
-        self.Ain = []
-        for fan_in in sizes[:-1]:
-            a = buf(fan_in + 1)
-            a[:, fan_in] = 1.0
-            self.Ain.append(a)
+        extra = 1 if self.fold else 0
+        # Inputs of every layer, then the outputs that are not a later layer's input.
+        shapes = [fan_in + extra for fan_in in sizes[:-1]]
+        own = [i for i, act in enumerate(acts)
+               if i == L - 1 or act.name not in ("identity", "relu")]
+        out_identity = acts[-1].name == "identity"
+        shapes += [widths[i] for i in own] + ([] if out_identity else [widths[-1]])
+        bufs = _arena(self, n, shapes, dt)
+        self.Ain = bufs[:L]
+        if self.fold:
+            for a, fan_in in zip(self.Ain, sizes[:-1], strict=True):
+                a[:, fan_in] = 1.0
+        spare = iter(bufs[L:])
         self.Z, self.A = [], [None]
-        for i, (w, act) in enumerate(zip(widths, acts, strict=True)):
-            if i < L - 1:
-                a = self.Ain[i + 1][:, :w]
-                z = a if act.name in ("identity", "relu") else buf(w)
-            else:
-                z = buf(w)
-                a = z if act.name == "identity" else buf(w)
+        for i, w in enumerate(widths):
+            # A hidden relu layer runs in place (A_l is Z_l): its derivative needs only
+            # the sign of z, which relu(z) keeps, and on long batches every buffer saved
+            # is a pass of first-touch page faults (100 MB per 256-unit layer at 100,000
+            # rows).
+            a = self.Ain[i + 1][:, :w] if i < L - 1 else None
+            z = next(spare) if i in own else a
+            if i == L - 1:
+                a = z if out_identity else next(spare)
             self.Z.append(z)
             self.A.append(a)
-        self.G = [buf(w) for w in widths]
-        # The hidden layers' backward rules run on column blocks small enough for the
-        # cache (about 1 MB: the mask and the product then never make a round trip to
-        # memory, 22 -> 12 ms for relu on 100,000 x 256), with one block-sized scratch.
-        cols = max(1, FOLD_BLOCK_ELEMENTS // n)
-        scratch = buf(cols)
-        self.S = [None] * len(widths[:-1])
         self.x_in = self.Ain[0][:, : sizes[0]]
-        self.layers = []
-        self.back = []
-        for i, (W, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-            fan_in = W.shape[0]
-            Wb = np.empty((fan_in + 1, W.shape[1]), dtype=dt)
-            fwd = None if acts[i].name == "identity" else _forward_fn(acts[i])
-            self.layers.append((W, b, Wb[:fan_in], Wb[fan_in], Wb, self.Ain[i], self.Z[i],
-                                self.A[i + 1], fwd))
-        for i in reversed(range(L)):
-            W = model.weights[i]
-            dWb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=dt)
-            prop = None
-            if i > 0:
-                act = acts[i - 1]
-                rule = None
-                if act.name != "identity":
-                    rule = _backward_fn(act)
-                if W.shape[1] == 1 and rule is not None:
-                    # The outer product G_l w_l^T made block by block too, so that each
-                    # block is still in the cache when the rule multiplies it.
-                    prop = (None, None, None, _blocked_rule(
-                        rule, self.Z[i - 1], self.A[i], self.G[i - 1], scratch,
-                        outer=(self.G[i], W[:, 0])))
-                elif W.shape[1] == 1:
-                    prop = (np.multiply, W[:, 0], self.G[i - 1], None)
+        self.forward_ops = self._forward_ops()
+        self.G = None  # the backward buffers and program, built with the first step
+        self._backward = None
+        self._loss = None
+        self._step_ops: list = []
+
+    def _forward_ops(self, blocks: list[Array] | None = None) -> list:
+        """The forward pass's calls; ``blocks``: read ``[W_l; b_l]`` from these arrays
+        (views of a packed parameter vector, see :func:`packed_blocks`) instead of packing
+        them from the model's parameters every step."""
+        dot, ops = np.dot, []
+        biases = self.biases if self.biases is not None else [None] * len(self.weights)
+        for i, (W, b, act) in enumerate(zip(self.weights, biases, self.acts, strict=True)):
+            AinT, Z = self.Ain[i].T, self.Z[i]
+            if self.fold:
+                if blocks is None:
+                    Wb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=W.dtype)
+                    ops += [_assign(Wb[:-1], W), _assign(Wb[-1], b)]
                 else:
-                    if rule is not None:
-                        rule = _blocked_rule(rule, self.Z[i - 1], self.A[i], self.G[i - 1],
-                                             scratch)
-                    prop = (np.matmul, W.T, self.G[i - 1], rule)
-            self.back.append((self.Ain[i].T, self.G[i], dWb, dWb[: W.shape[0]],
-                              dWb[W.shape[0]], model._grad_weights[i], model._grad_biases[i],
-                              prop))
+                    Wb = blocks[i]
+                ops.append(partial(dot, Wb.T, AinT, Z.T))
+            else:
+                ops.append(partial(dot, W.T, AinT[: W.shape[0]], Z.T))
+                if b is not None:
+                    ops.append(partial(np.add, Z.T, b[:, None], Z.T))
+            if act.name != "identity":
+                ops += act.forward_program(Z, self.A[i + 1])
+        return ops
 
-    def _forward_folded(self, X: Array) -> None:
+    def _grad_buffers(self) -> None:
+        """The backward buffers: :attr:`G`, the targets and the rules' scratch."""
+        n, widths = self.n, self.sizes[1:]
+        # The hidden layers' backward rules run one at a time on one scratch, each a
+        # contiguous view of its start; on long batches they run on column blocks small
+        # enough for the cache (about 1 MB: the mask and the product then never make a
+        # round trip to memory, 22 -> 12 ms for relu on 100,000 x 256), sharing a
+        # block-sized scratch.
+        cols = max(1, FOLD_BLOCK_ELEMENTS // n)
+        scratch_cols = min(cols, max(widths[:-1], default=0))
+        bufs = _arena(self, n, [*widths, widths[-1], scratch_cols], self.dtype)
+        self.G, self.t_in, self.scratch = bufs[: len(widths)], bufs[-2], bufs[-1]
+
+    def _backward_ops(self, blocks: list[Array] | None = None,
+                      grad_blocks: list[Array] | None = None) -> list:
+        """The backward pass's calls; with ``blocks`` the weights are read from the packed
+        blocks and ``[dW_l; db_l]`` written into ``grad_blocks`` (no unpacking)."""
+        if self.G is None:
+            self._grad_buffers()
+        n, dt, dot, scratch = self.n, self.dtype, np.dot, self.scratch
+        widths, acts = self.sizes[1:], self.acts
+        gbiases = self.grad_biases or [None] * len(widths)
+        ops = []
+        for i in reversed(range(len(widths))):
+            W, G, dW, db = self.weights[i], self.G[i], self.grad_weights[i], gbiases[i]
+            AinT = self.Ain[i].T
+            if blocks is not None:
+                W = blocks[i][:-1]
+                ops.append(partial(dot, AinT, G, grad_blocks[i]))
+            elif self.fold:
+                dWb = np.empty((W.shape[0] + 1, W.shape[1]), dtype=dt)
+                ops += [partial(dot, AinT, G, dWb), _assign(dW, dWb[:-1]),
+                        _assign(db, dWb[-1])]
+            else:
+                ops.append(partial(dot, AinT[: W.shape[0]], G, dW))
+                if db is not None:
+                    # A product with a ones vector: several times faster than G.sum(axis=0).
+                    ops.append(partial(dot, np.ones(n, dtype=dt), G, db))
+            if i == 0:
+                continue
+            act, G_prev = acts[i - 1], self.G[i - 1]
+            Z_prev, A_prev = self.Z[i - 1], self.A[i]
+            rule = act.name != "identity"
+            if rule and n * W.shape[0] > FOLD_BLOCK_ELEMENTS:
+                outer = (G, W[:, 0]) if W.shape[1] == 1 else None
+                if outer is None:
+                    ops.append(partial(dot, W, G.T, G_prev.T))
+                # Block by block; a one-unit layer's outer product G_l w_l^T is made per
+                # block too, so that each block is still in the cache when the rule
+                # multiplies it.
+                ops.append(_blocked_rule(act.backward_to, Z_prev, A_prev, G_prev, scratch,
+                                         outer))
+                continue
+            ops.append(partial(dot, W, G.T, G_prev.T))
+            if rule:
+                w = W.shape[0]
+                S = scratch.reshape(-1, order="F")[: n * w].reshape((n, w), order="F")
+                ops += act.backward_program(Z_prev, A_prev, G_prev, S)
+        return ops
+
+    def load(self, X: Array) -> None:
+        """Copy the batch into the first columns of ``[X, 1]``."""
         self.A[0] = X
-        np.copyto(self.x_in, X)
-        copyto, matmul = np.copyto, np.matmul
-        for W, b, Wb_w, Wb_b, Wb, Ain, Z, A, fwd in self.layers:
-            copyto(Wb_w, W)
-            copyto(Wb_b, b)
-            matmul(Ain, Wb, out=Z)
-            if fwd is not None:
-                fwd(Z, A)
-
-    def _backward_folded(self) -> None:
-        copyto, dot = np.copyto, np.dot
-        for AinT, G, dWb, dWb_w, dWb_b, dW, db, prop in self.back:
-            dot(AinT, G, out=dWb)
-            copyto(dW, dWb_w)
-            copyto(db, dWb_b)
-            if prop is not None:
-                product, W, G_prev, rule = prop
-                if product is not None:
-                    product(G, W, out=G_prev)
-                if rule is not None:
-                    rule()
+        self.x_in[...] = X
 
     def forward(self, X: Array) -> None:
         """Run the forward pass on ``X`` (``n`` rows) into ``Z`` and ``A``."""
-        if self.fold:
-            self._forward_folded(X)
-            return
-        self.A[0] = prev = X
-        add = np.add
-        for mm, W, b, Z, A, fwd in self.layers:
-            mm(prev, W, out=Z)
-            if b is not None:
-                add(Z, b, out=Z)
-            if fwd is not None:
-                fwd(Z, A)
-            prev = A
+        self.load(X)
+        for op in self.forward_ops:
+            op()
+
+    def value_and_grad(self, X: Array, T: Array, loss: Loss, compute_value: bool) -> float:
+        """Forward pass, output gradient and backward pass: the model's flat gradient."""
+        if loss is not self._loss:
+            self._compile(loss)
+        self.A[0] = X
+        self.x_in[...] = X
+        self.t_in[...] = T
+        for op in self._step_ops:
+            op()
+        return loss.value(self.Z[-1], self.A[-1], T) if compute_value else float("nan")
+
+    def _compile(self, loss: Loss) -> None:
+        """The step program for ``loss``: forward, fused output gradient, backward."""
+        if self._backward is None:
+            self._backward = self._backward_ops()
+        self._step_ops = [*self.forward_ops, *self._delta_ops(loss), *self._backward]
+        self._loss = loss
+
+    def _delta_ops(self, loss: Loss) -> list:
+        if self.G is None:
+            self._grad_buffers()
+        return loss.delta_program(self.Z[-1], self.A[-1], self.t_in, self.acts[-1],
+                                  self.G[-1])
 
     def backward(self) -> None:
         """Fill the model's flat gradient from ``G[-1] = dLoss/dZ_L`` by the chain rule."""
-        if self.fold:
-            self._backward_folded()
-            return
-        A, ones, dot = self.A, self.ones, np.dot
-        for i, G, dW, db, prop in self.back:
-            dot(A[i].T, G, out=dW)
-            if db is not None:
-                # A product with a ones vector: several times faster than G.sum(axis=0).
-                dot(ones, G, out=db)
-            if prop is not None:
-                product, W, G_prev, Z_prev, A_prev, S_prev, rule = prop
-                product(G, W, out=G_prev)
-                if rule is not None:
-                    rule(Z_prev, A_prev, G_prev, S_prev)
+        if self._backward is None:
+            self._backward = self._backward_ops()
+        for op in self._backward:
+            op()
+
+    def train_program(self, loss: Loss, update: list,
+                      packed: tuple[Array, Array] | None = None) -> Callable[[Array, Array], None]:
+        """See :meth:`MLP._train_program`."""
+        if packed is None:
+            if loss is not self._loss:
+                self._compile(loss)
+            ops = [*self._step_ops, *update]
+        else:
+            blocks, grad_blocks = (packed_blocks(a, self.sizes) for a in packed)
+            ops = [*self._forward_ops(blocks), *self._delta_ops(loss),
+                   *self._backward_ops(blocks, grad_blocks), *update]
+        x_in, t_in = self.x_in, self.t_in
+
+        def run(X: Array, T: Array) -> None:
+            x_in[...] = X
+            t_in[...] = T
+            for op in ops:
+                op()
+
+        return run
 
 
-# Biases are folded into the products (see _Workspace._init_folded) when a long-batch
-# layer holds at least this many values: there the passes saved outweigh the packing
-# copies, while on small networks every extra call would cost more than it saves.
-FOLD_MIN_ELEMENTS = 2**20
+# Biases are folded into the products (see _Workspace) when a layer holds at least this
+# many values: always, since packing [W; b] costs two slice assignments (0.1-0.3 us) where
+# the bias add it replaces costs 1.4 us on 64 x 32 and more on larger layers.
+FOLD_MIN_ELEMENTS = 0
 
 
 FOLD_BLOCK_ELEMENTS = 2**18
+
+
+def _arena(owner: object, n: int, widths: Sequence[int], dtype: np.dtype) -> list[Array]:
+    """Column-major ``(n, w)`` arrays for ``widths``, carved out of one block of memory.
+
+    The block is ``owner``'s until ``owner`` is garbage; then it waits in
+    :data:`_SPARE_BLOCKS` for the next workspace of the same size (see there). Each
+    array starts on a 64-byte boundary.
+    """
+    align = 64 // np.dtype(dtype).itemsize
+    sizes = [-(-n * w // align) * align for w in widths]
+    block = _SPARE_BLOCKS.take(sum(sizes) + align, dtype, owner)
+    offset = (-block.ctypes.data // block.itemsize) % align
+    out = []
+    for w, size in zip(widths, sizes, strict=True):
+        out.append(block[offset : offset + n * w].reshape((n, w), order="F"))
+        offset += size
+    return out
+
+
+class _SpareBlocks:
+    """Memory blocks of workspaces that are gone, kept for the next one of the same size.
+
+    glibc maps every block above its threshold afresh (and unmaps it when freed), so each
+    new model paid the first-touch page faults of its workspaces again: 1.5 ms for the
+    final evaluation of configuration 3 (10,000 rows of 32-unit layers, 2.8 MB), a
+    third of an epoch's matrix products. A run that builds models one after another (a
+    sweep, cross-validation, a benchmark) now reuses warm memory. At most ``max_bytes``
+    wait here (the oldest go first); a block in use is never here, since it only comes
+    back when its workspace, which holds every view of it, has been collected.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.free: list[Array] = []
+        self.lock = threading.Lock()
+
+    def take(self, size: int, dtype: np.dtype, owner: object) -> Array:
+        dtype = np.dtype(dtype)
+        with self.lock:
+            for i, block in enumerate(self.free):
+                if block.size == size and block.dtype == dtype:
+                    del self.free[i]
+                    break
+            else:
+                block = np.empty(size, dtype=dtype)
+        if block.nbytes <= self.max_bytes:
+            weakref.finalize(owner, self.give_back, block).atexit = False
+        return block
+
+    def give_back(self, block: Array) -> None:
+        with self.lock:
+            self.free.append(block)
+            while sum(b.nbytes for b in self.free) > self.max_bytes:
+                self.free.pop(0)
+
+
+_SPARE_BLOCKS = _SpareBlocks(64 << 20)
+
+
+def packed_order(model: MLP) -> Array:
+    """The permutation that packs ``model.params`` (or ``grad``) layer by layer.
+
+    ``params[packed_order(model)]`` holds, for each layer, ``[W_l; b_l]`` as one
+    row-major ``(fan_in + 1, fan_out)`` block (see :func:`packed_blocks`): the trainer's
+    working copy, whose blocks the folded products read (and write, for the gradient)
+    in place of packing and unpacking them every step.
+    """
+    parts, w_offset, b_offset = [], 0, model.n_weight_params
+    for fan_in, fan_out in zip(model.sizes[:-1], model.sizes[1:], strict=True):
+        parts += [np.arange(w_offset, w_offset + fan_in * fan_out),
+                  np.arange(b_offset, b_offset + fan_out)]
+        w_offset += fan_in * fan_out
+        b_offset += fan_out
+    return np.concatenate(parts)
+
+
+def packed_blocks(flat: Array, sizes: Sequence[int]) -> list[Array]:
+    """The ``[W_l; b_l]`` blocks of a packed vector (see :func:`packed_order`), as views."""
+    blocks, offset = [], 0
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        size = (fan_in + 1) * fan_out
+        blocks.append(flat[offset : offset + size].reshape(fan_in + 1, fan_out))
+        offset += size
+    return blocks
+
+
+def _assign(dst: Array, src: Array):
+    """``dst[...] = src`` as an argument-free call (a slice assignment costs less than
+    ``np.copyto``: 0.16 vs 0.34 us for 32 values)."""
+    setitem = dst.__setitem__
+
+    def assign() -> None:
+        setitem(Ellipsis, src)
+
+    return assign
 
 
 def _blocked_rule(rule, Z: Array, A: Array, G: Array, scratch: Array, outer=None):
@@ -723,16 +841,3 @@ def _blocked_rule(rule, Z: Array, A: Array, G: Array, scratch: Array, outer=None
             rule(z, a, g, s)
 
     return run
-
-
-def _layout(n: int, widths: Sequence[int]) -> str:
-    """"F" when the batch is long relative to the widest layer, else "C" (see _Workspace)."""
-    return "F" if n >= 16 * max(widths) else "C"
-
-
-def _forward_fn(act: Activation):
-    return act.forward_into if act.forward_into is not None else act.forward_to
-
-
-def _backward_fn(act: Activation):
-    return act.backward_into if act.backward_into is not None else act.backward_to

@@ -36,6 +36,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -482,6 +483,32 @@ class Optimizer:
             np.multiply(w, 1.0 - lr_w * self.weight_decay, out=w)
         self._update(params, g, lr)
 
+    def _reorder(self, order: np.ndarray) -> None:
+        """Permute the state in place, ``state[...] = state[order]`` for every state array.
+
+        The update is elementwise, so an optimiser may run on a permuted copy of the
+        parameters (the trainer's packed working copy) with its state permuted alike,
+        as long as no penalty needs the weights to come first (:attr:`_uniform`).
+        """
+        for name in self.state_names:
+            state = self._buffers[name]
+            np.take(state, order, out=self._tmp)
+            state[...] = self._tmp
+
+    @property
+    def _uniform(self) -> bool:
+        """Whether the update treats every parameter alike (no penalty on the weights)."""
+        return not (self._needs_grad_copy or self._decoupled_l2)
+
+    def _program(self, params: np.ndarray, grad: np.ndarray) -> list[Callable[[], object]]:
+        """:meth:`_step` on these arrays as a list of argument-free calls.
+
+        For a training loop that passes the same two arrays every step: it can then run
+        the update as part of one flat list of bound calls (see
+        :meth:`pipeline.nn.MLP._train_program`). Running the list once is one step.
+        """
+        return [partial(self._step, params, grad)]
+
     def _penalised_grad(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
         """Fill the internal gradient buffer with grad + wd * w + l1 * sign(w)."""
         nw = self._nw
@@ -670,42 +697,87 @@ class Adam(Optimizer):
 
     def bind(self, n_params: int, n_weight_params: int, dtype: Any = np.float64) -> Adam:
         super().bind(n_params, n_weight_params, dtype)
-        # m and v as the two rows of one array, and their increments as the rows of a
-        # second: both moment updates then take two calls instead of four (on small
-        # networks an optimiser step costs its number of numpy calls).
-        n = self._n
-        self._mv = np.zeros((2, n), dtype=self._dtype)
-        self._mv_inc = np.empty((2, n), dtype=self._dtype)
-        self._buffers["m"], self._buffers["v"] = self._mv[0], self._mv[1]
-        self._buffers["moment_increments"] = self._mv_inc
-        self._m, self._v = self._mv[0], self._mv[1]
+        # The betas, and the two scalars of a step, as 0-d arrays of the dtype: numpy
+        # converts a Python float operand on every call (0.3 us each), a 0-d array it
+        # takes as is; the same numbers (a Python float meets float32 arrays as float32).
         b1, b2 = self.hyper["beta1"], self.hyper["beta2"]
-        self._betas = np.array([[b1], [b2]], dtype=self._dtype)
-        self._one_minus_betas = np.array([[1.0 - b1], [1.0 - b2]], dtype=self._dtype)
+        consts = (b1, 1.0 - b1, b2, 1.0 - b2)
+        self._b1, self._1_b1, self._b2, self._1_b2 = (np.array(c, self._dtype) for c in consts)
+        self._eps_t = np.zeros((), self._dtype)  # eps * sqrt(1 - b2**t)
+        self._step_size = np.zeros((), self._dtype)  # lr * sqrt(1 - b2**t) / (1 - b1**t)
+        self._step_vector = None
+        self._decay = np.zeros((), self._dtype)  # 1 - lr * weight_decay (AdamW)
+        self._bound: tuple = (None, None, None, [])
         return self
 
     def _update(self, params: np.ndarray, g: np.ndarray, lr: float) -> None:
-        b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
-        m, v, tmp = self._m, self._v, self._tmp
-        # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g**2, the same arithmetic as one
-        # moment at a time, on the stacked rows.
-        inc = self._mv_inc
-        # inc = [(1 - b1) g; (1 - b2) g * g]: one broadcast multiply, then one more.
-        np.multiply(g, self._one_minus_betas, out=inc)
-        inc[1] *= g
-        self._mv *= self._betas
-        self._mv += inc
-        t = self.t
-        bc1 = 1.0 - b1**t
-        root_bc2 = math.sqrt(1.0 - b2**t)
+        step = self._scalars(lr)
+        # The calls are bound to the arrays once, and reused while the caller passes the
+        # same ones (a training run always does).
+        bound = self._bound
+        if params is not bound[0] or g is not bound[1] or step is not bound[2]:
+            bound = self._bound = (params, g, step, self._ops(params, g, step))
+        for op in bound[3]:
+            op()
+
+    def _program(self, params: np.ndarray, grad: np.ndarray) -> list:
+        if (
+            type(self)._update is not Adam._update
+            or type(self)._step is not Optimizer._step
+            or isinstance(self.current_lr, np.ndarray)
+        ):
+            return super()._program(params, grad)
+        ops: list = [self._advance]
+        g = grad
+        if self._needs_grad_copy:
+            ops.append(partial(self._penalised_grad, params, grad))
+            g = self._g
+        if self._decoupled_l2:
+            w = params[: self._nw]
+            ops.append(partial(np.multiply, w, self._decay, w))
+        return ops + self._ops(params, g, self._step_size)
+
+    def _advance(self) -> None:
+        """What :meth:`_step` does before the update's numpy calls, for a scalar lr."""
+        self.t += 1
+        self._scalars(self.current_lr)
+        if self._decoupled_l2:
+            self._decay[()] = 1.0 - self.current_lr * self.weight_decay
+
+    def _scalars(self, lr: float | np.ndarray) -> np.ndarray:
+        """Set the step's scalars for step ``t``; returns the step size operand."""
+        hyper, t = self.hyper, self.t
+        bc1 = 1.0 - hyper["beta1"] ** t
+        root_bc2 = math.sqrt(1.0 - hyper["beta2"] ** t)
         # lr m_hat / (sqrt(v_hat) + eps) = (lr root_bc2 / bc1) m / (sqrt(v) + eps root_bc2):
         # the bias corrections become two scalars, so the update is five passes over the
         # parameters (PyTorch's form of the same expression).
-        np.sqrt(v, out=tmp)
-        tmp += eps * root_bc2
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr * root_bc2 / bc1
-        np.subtract(params, tmp, out=params)
+        self._eps_t[()] = hyper["eps"] * root_bc2
+        if not isinstance(lr, np.ndarray):
+            self._step_size[()] = lr * root_bc2 / bc1
+            return self._step_size
+        # One lr per parameter (replicas trained with one lr each): a step size vector.
+        step = self._step_vector
+        if step is None:
+            step = self._step_vector = np.empty(self._n, dtype=self._dtype)
+        np.multiply(lr, root_bc2, out=step)
+        np.divide(step, bc1, out=step)
+        return step
+
+    def _ops(self, params: np.ndarray, g: np.ndarray, step: np.ndarray) -> list:
+        m, v, tmp = self._m, self._v, self._tmp
+        mul, add = np.multiply, np.add
+        # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g**2, in the reference's order of
+        # operations; then params -= step * m / (sqrt(v) + eps_t).
+        return [
+            partial(mul, m, self._b1, m), partial(mul, g, self._1_b1, tmp),
+            partial(add, m, tmp, m),
+            partial(mul, v, self._b2, v), partial(mul, g, self._1_b2, tmp),
+            partial(mul, tmp, g, tmp), partial(add, v, tmp, v),
+            partial(np.sqrt, v, tmp), partial(add, tmp, self._eps_t, tmp),
+            partial(np.divide, m, tmp, tmp), partial(mul, tmp, step, tmp),
+            partial(np.subtract, params, tmp, params),
+        ]
 
 
 class AdamW(Adam):

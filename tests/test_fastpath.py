@@ -301,3 +301,311 @@ def test_full_batch_divergence_is_dated_the_same_whatever_eval_every(fast):
     first = diverged_at(1)
     assert diverged_at(7) == first
     assert diverged_at(50) == first
+
+
+# ----------------------------------------------------------------- bound step programs
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_programs_equal_the_in_place_kernels(name, dtype, order):
+    act = get_activation(name, slope=0.2, alpha=0.5)
+    rng = np.random.default_rng(5)
+    z = np.asarray(rng.normal(size=(30, 4)) * 4, dtype=dtype, order=order)
+    out, want = np.empty_like(z), np.empty_like(z)
+    for op in act.forward_program(z, out):
+        op()
+    act.forward_to(z, want)
+    np.testing.assert_array_equal(out, want)
+    if act.output_only:
+        return
+    g = np.asarray(rng.normal(size=z.shape), dtype=dtype, order=order)
+    g_want = g.copy()
+    for op in act.backward_program(z, out, g, np.empty_like(z)):
+        op()
+    act.backward_to(z, want, g_want, np.empty_like(z))
+    np.testing.assert_array_equal(g, g_want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 32), (300, 64)])
+def test_relu_backward_is_the_straightforward_mask(dtype, shape):
+    # Small arrays take ceil(fmin(a, 1)), large ones the comparison: both must give
+    # grad * (z > 0), also at 0, -0, denormals, the largest floats and (z, a) in place.
+    from pipeline.activations import RELU_CEIL_MAX_SIZE
+
+    assert (shape[0] * shape[1] <= RELU_CEIL_MAX_SIZE) == (shape == (64, 32))
+    act = ACTIVATIONS["relu"]
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=shape).astype(dtype)
+    z.flat[:8] = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal,
+                  info.tiny, info.max, -info.max, 1.0]
+    g = rng.normal(size=shape).astype(dtype)
+    want = g * (z > 0)
+    a = act.forward(z)
+    for in_place in (False, True):
+        got = g.copy()
+        zz = a if in_place else z  # the workspace passes relu(z) as z (computed in place)
+        act.backward_to(zz, a, got, np.empty_like(z))
+        np.testing.assert_array_equal(got, want)
+        got = g.copy()
+        for op in act.backward_program(zz, a, got, np.empty_like(z)):
+            op()
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", [n for n, loss in LOSSES.items() if loss.fused])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_delta_program_equals_delta(name, dtype):
+    loss = get_loss(name)
+    rng = np.random.default_rng(8)
+    for output in {*loss.fused, "sigmoid", "identity"}:
+        if not _fits(loss, output):
+            continue
+        units = 3 if output == "softmax" else 2
+        z = rng.normal(size=(12, units)).astype(dtype)
+        act = ACTIVATIONS[output]
+        a = act.forward(z)
+        T = np.eye(units, dtype=dtype)[rng.integers(0, units, 12)]
+        T[0] *= 0.5  # row sums other than 1
+        out = np.empty_like(z)
+        for op in loss.delta_program(z, a, T, act, out):
+            op()
+        np.testing.assert_array_equal(out, loss.delta(z, a, T, act))
+
+
+def _fits(loss, output: str) -> bool:
+    try:
+        loss.check_output(output, 3 if output == "softmax" else 2)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity"])
+@pytest.mark.parametrize(("output", "loss", "units"), PAIRS[:3])
+def test_unfolded_bias_workspace_equals_reference(monkeypatch, activation, output, loss,
+                                                  units):
+    # Biases added after the products instead of folded into them (the path a model takes
+    # below FOLD_MIN_ELEMENTS).
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
+    rng = np.random.default_rng(9)
+    model = MLP([4, 5, 3, units], activation=activation, output=output, seed=2)
+    assert not model._workspace(40).fold
+    X = rng.normal(size=(40, 4))
+    T = model.encode_targets(rng.integers(0, max(units, 2), 40))
+    L = get_loss(loss)
+    v_fast = model._value_and_grad(X, T, L, True)
+    g_fast = model.grad.copy()
+    v_ref = model._value_and_grad_reference(X, T, L, True)
+    np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+    np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_workspace_buffers_are_aligned_column_major_views_of_one_block():
+    from pipeline.nn import _arena
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    arrays = _arena(owner, 7, [3, 1, 5], np.float32)
+    base = arrays[0].base
+    for a, w in zip(arrays, [3, 1, 5], strict=True):
+        assert a.shape == (7, w) and a.flags.f_contiguous
+        assert a.ctypes.data % 64 == 0
+        assert a.base is base
+    # No overlap: writing each array leaves the others intact.
+    for k, a in enumerate(arrays):
+        a[...] = k
+    for k, a in enumerate(arrays):
+        assert np.all(a == k)
+
+
+def test_a_workspace_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    model = MLP([3, 4, 1], seed=0)
+    X, y = _data(n=20)
+    model._value_and_grad(model.check_input(X), model.encode_targets(y), get_loss("bce"),
+                          False)
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None  # freed by reference counting, no cycle through a workspace
+    finally:
+        gc.enable()
+
+
+def test_memory_of_a_dead_workspace_is_reused_and_never_shared():
+    from pipeline.nn import _SPARE_BLOCKS
+
+    X, y = _data(n=300)
+    loss = get_loss("bce")
+
+    def train_and_forward(seed):
+        model = MLP([3, 40, 1], seed=seed)
+        T = model.encode_targets(y)
+        model._value_and_grad(model.check_input(X), T, loss, False)
+        ws = model._workspaces[300]
+        return model, ws.Ain[0].base, model.grad.copy()
+
+    first, block, grad_first = train_and_forward(0)
+    second, block_second, _ = train_and_forward(1)
+    assert block_second is not block  # both alive: never shared
+    del first
+    assert any(b is block for b in _SPARE_BLOCKS.free)
+    third, block_third, grad_third = train_and_forward(0)
+    assert block_third is block  # warm memory, same numbers
+    np.testing.assert_array_equal(grad_third, grad_first)
+    assert not any(b is block for b in _SPARE_BLOCKS.free)
+    del second, third
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("batch_size", [None, 16, 1])
+@pytest.mark.parametrize("penalties", [{}, {"weight_decay": 0.01, "l1": 0.001}])
+def test_bound_step_programs_train_like_the_reference(monkeypatch, optimizer, batch_size,
+                                                      penalties):
+    # Without diagnostics (and between evaluations) the trainer runs each step as one
+    # list of bound calls, the model's and the optimiser's (Adam's own, the others' _step).
+    import pipeline.nn as nn_module
+
+    built = []
+    original = nn_module._Workspace.train_program
+
+    def counting(self, loss, update, packed=None):
+        built.append(self.n)
+        return original(self, loss, update, packed)
+
+    monkeypatch.setattr(nn_module._Workspace, "train_program", counting)
+    epochs = 3 if batch_size == 1 else 8
+    kw = dict(optimizer=optimizer, batch_size=batch_size, epochs=epochs, diagnostics=False,
+              eval_every=3, **penalties)
+    fast, h_fast = _fit_with(True, **kw)
+    assert built  # the programs ran
+    ref, h_ref = _fit_with(False, **kw)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    for key in h_ref.metrics:
+        np.testing.assert_allclose(h_fast.metrics[key], h_ref.metrics[key], rtol=1e-7,
+                                   atol=1e-10, err_msg=key)
+
+
+def test_bound_step_programs_for_softmax_in_float32():
+    kw = dict(sizes=(3, 8, 3), activation="relu", output="softmax", loss="cross_entropy", k=3,
+              batch_size=25, dtype=np.float32, diagnostics=False, eval_every=4)
+    fast, _ = _fit_with(True, **kw)
+    ref, _ = _fit_with(False, **kw)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-5, atol=1e-6)
+
+
+def _fit_with(fast: bool, *, optimizer: str = "adam", dtype=np.float64, sizes=(3, 8, 6, 1),
+              activation="relu", output="sigmoid", loss="bce", batch_size=None, epochs=12,
+              k: int = 2, diagnostics=True, eval_every=1, **opt_kwargs):
+    X, y = _data(k=k)
+    model = MLP(list(sizes), activation=activation, output=output, seed=3, dtype=dtype)
+    opt = make_optimizer(optimizer, lr=0.05 if optimizer not in ("adam", "adamw") else 0.01,
+                         **opt_kwargs)
+    history = fit(model, X, y, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size,
+                  seed=7, fast=fast, diagnostics=diagnostics, eval_every=eval_every)
+    assert opt.t == epochs * -(-len(X) // (batch_size or len(X)))
+    return model, history
+
+
+def _recorded_run(fast: bool, fail_at: int | None = None, **opt_kwargs):
+    """Train with the packed working copy where possible (no diagnostics), recording what
+    callbacks see: parameters, gradient and optimiser state after each evaluation."""
+    X, y = _data()
+    model = MLP([3, 8, 6, 1], activation="relu", seed=3)
+    opt = make_optimizer("adam", lr=0.01, **opt_kwargs)
+    seen = []
+
+    def record(epoch, metrics):
+        seen.append((model.params.copy(), model.grad.copy(),
+                     {k: v.copy() for k, v in opt.state_dict()["state"].items()}))
+        if epoch == fail_at:
+            raise RuntimeError("stop here")
+
+    try:
+        fit(model, X, y, loss="bce", optimizer=opt, epochs=9, batch_size=16, seed=7,
+            fast=fast, diagnostics=False, eval_every=3, callbacks=[record])
+    except RuntimeError:
+        pass
+    return model, opt, seen
+
+
+@pytest.mark.parametrize("fail_at", [None, 6])
+def test_packed_working_copy_is_invisible_outside_the_steps(monkeypatch, fail_at):
+    import pipeline.trainer as trainer_module
+
+    used = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    fast, opt_fast, seen_fast = _recorded_run(True, fail_at)
+    assert used and all(used)  # every epoch ran on the packed copy
+    ref, opt_ref, seen_ref = _recorded_run(False, fail_at)
+    assert len(seen_fast) == len(seen_ref) == (2 if fail_at else 3)
+    for (p, g, state), (p_ref, g_ref, state_ref) in zip(seen_fast, seen_ref, strict=True):
+        np.testing.assert_allclose(p, p_ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+        for key in state_ref:
+            np.testing.assert_allclose(state[key], state_ref[key], rtol=1e-9, atol=1e-15)
+    # Also after a run ended by an exception: parameters and state in the model's order.
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+    for key, value in opt_ref.state_dict()["state"].items():
+        np.testing.assert_allclose(opt_fast.state_dict()["state"][key], value, rtol=1e-9,
+                                   atol=1e-15)
+    assert opt_fast.t == opt_ref.t
+
+
+def test_penalties_keep_the_model_order(monkeypatch):
+    import pipeline.trainer as trainer_module
+
+    used = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    fast, _, _ = _recorded_run(True, weight_decay=0.01)
+    assert used and not any(used)  # the decay needs the weights first
+    ref, _, _ = _recorded_run(False, weight_decay=0.01)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+
+
+def test_packed_order_gives_each_layer_one_block():
+    from pipeline.nn import packed_blocks, packed_order
+
+    model = MLP([3, 4, 2], seed=0)
+    packed = model.params[packed_order(model)]
+    for block, W, b in zip(packed_blocks(packed, model.sizes), model.weights, model.biases,
+                           strict=True):
+        np.testing.assert_array_equal(block[:-1], W)
+        np.testing.assert_array_equal(block[-1], b)
+    assert sorted(packed_order(model)) == list(range(model.n_params))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_bound_step_programs_without_biases(optimizer):
+    # No biases: nothing to fold or pack; the programs read the model's weights directly.
+    def run(fast):
+        X, y = _data()
+        model = MLP([3, 5, 4, 1], activation="tanh", bias=False, seed=1)
+        fit(model, X, y, loss="bce", optimizer=make_optimizer(optimizer, lr=0.01), epochs=6,
+            batch_size=16, seed=7, fast=fast, diagnostics=False, eval_every=2)
+        return model.params
+
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-9, atol=1e-12)

@@ -481,8 +481,10 @@ def test_sigterm_outside_a_job_is_handled_like_ctrl_c(monkeypatch, capsys):
 def test_ctrl_c_in_a_sweep_leaves_finished_jobs_finished_and_none_running(tmp_path, new_store):
     uri = new_store(tmp_path / "store")
     env = {**_env_without_uri(), "MLFLOW_TRACKING_URI": uri}
+    # Jobs long enough (a few seconds) that the second is still running 1.5 s after it
+    # is first seen running, however fast a training step is.
     proc = _popen_train(tmp_path / "sweep", "-m", "optimizer.lr=0.01,0.02,0.03",
-                        "dataset.n_samples=1000", "trainer.batch_size=1", "trainer.epochs=60",
+                        "dataset.n_samples=4000", "trainer.batch_size=1", "trainer.epochs=60",
                         "tracking.log_model=false", "tracking.animation=false", env=env)
     try:
         def second_job_running():
