@@ -724,7 +724,16 @@ class RunTracker:
         elif kind == "dataset":
             dataset = Dataset(**op["dataset"])
             tags = [InputTag(k, v) for k, v in op["input_tags"].items()]
-            self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+            inputs = [DatasetInput(dataset, tags)]
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except Exception as e:
+                if not _lost_insert_race(e):
+                    raise
+                # Runs of the same data share one dataset row, which MLflow looks up and
+                # then inserts: another process inserted it in between. It exists now, so
+                # the second try only links it to this run.
+                self.client.log_inputs(self.run_id, datasets=inputs)
         elif kind == "model":
             self._log_model_now(op, files)
         elif kind == "end":
@@ -986,6 +995,21 @@ def _is_store_failure(error: BaseException) -> bool:
     )
 
 
+def _lost_insert_race(error: BaseException) -> bool:
+    """True for a unique-constraint violation (a row another process inserted first)."""
+    import sqlalchemy.exc
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.IntegrityError) or "UNIQUE constraint failed" in str(
+            error
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _relative_files(op: dict, spool: Path) -> dict:
     """Spooled file paths relative to the spool, so the directory can be moved or copied."""
     if not op.get("files"):
@@ -1060,8 +1084,14 @@ def find_experiment_id(uri: str, name: str, *, create_store: bool = True) -> str
     (opening it with MLflow would create and migrate it) and None is returned.
     """
     db = _sqlite_path(uri)
-    if not create_store and db is not None and not db.exists():
-        return None
+    if not create_store and db is not None:
+        if not db.exists():
+            return None
+        # The file appears when another process starts creating the store, which it
+        # migrates under the store lock: opening it before that ends would migrate it a
+        # second time, concurrently. Wait for the lock once.
+        with _store_lock(uri):
+            pass
     experiment = MlflowClient(uri).get_experiment_by_name(name)
     if experiment is None or experiment.lifecycle_stage != "active":
         return None

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from servers import wait_http
 
 from pipeline import tracking
@@ -657,3 +658,42 @@ def test_warm_up_model_logging_builds_mlflows_package_map_without_a_store(tmp_pa
     assert requirements_utils._PACKAGES_TO_MODULES  # filled: the first log_model skips it
     assert "numpy" in requirements_utils._PACKAGES_TO_MODULES
     assert list(tmp_path.iterdir()) == []  # no store, no mlruns
+
+
+def test_a_lost_dataset_insert_race_is_retried_and_links_the_existing_row(
+    tracker, exp_id, uri, monkeypatch
+):
+    """Runs of the same data share one dataset row; when another process inserts it between
+    MLflow's lookup and insert, the unique constraint fails: the retry links the row."""
+    import pandas as pd
+    import sqlalchemy.exc
+
+    tracker.start(exp_id, "racer")
+    real = tracker.client.log_inputs
+    calls = []
+
+    def first_loses(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            real(run_id, datasets=datasets, **kw)  # the row now exists ...
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO datasets", {}, Exception(
+                "UNIQUE constraint failed: datasets.experiment_id, datasets.name"))
+        return real(run_id, datasets=datasets, **kw)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", first_loses)
+    tracker.log_dataset(pd.DataFrame({"x": [1.0, 2.0], "label": [0, 1]}), name="shared",
+                        targets="label")
+    assert len(calls) == 2
+    tracker.end()
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["shared"]
+
+
+def test_lost_insert_race_is_recognised_only_for_unique_violations():
+    import sqlalchemy.exc
+
+    wrapped = MlflowException("failed")
+    wrapped.__cause__ = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("UNIQUE"))
+    assert tracking._lost_insert_race(wrapped)
+    assert not tracking._lost_insert_race(MlflowException("RESOURCE_DOES_NOT_EXIST"))
+    assert not tracking._lost_insert_race(OSError("disk full"))
