@@ -385,8 +385,14 @@ class _Service:
 
     # Each handler runs one message; async ones' errors are kept for the next wait.
     def open_store(self, uri: str, experiment: str) -> None:
-        """Open an existing store and look the experiment up, creating nothing (the run
-        may still fail on its data); :meth:`start` then only has to create the run."""
+        """Open an existing SQLite store and look the experiment up, creating nothing (the
+        run may still fail on its data); :meth:`start` then only has to create the run.
+
+        A server is left alone: asking it costs one request, and the training process
+        checks it is up (and says so in one line if not) before anything is sent.
+        """
+        if not uri.startswith("sqlite:"):
+            return
         try:
             self.known_experiments[(uri, experiment)] = self.tracking.find_experiment_id(
                 uri, experiment, create_store=False)
