@@ -297,7 +297,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                                     source=dataset.source, targets="label")
             callbacks.append(tracker)
             if trk.get("animation", True):
-                animation = _start_animation(dataset, model, tcfg, predict_raw)
+                with timer("plots"):  # matplotlib's import and the first frame
+                    animation = _start_animation(dataset, model, tcfg, predict_raw)
                 callbacks.append(animation[1])
         bar = ProgressBar(tcfg["epochs"], name,
                           enabled=want_progress(tcfg["progress"], parallel=parallel))
