@@ -176,7 +176,9 @@ class ReplicaMLP:
         # The packed copy the workspaces' products read, and the gradient they write in
         # the same order (see the module notes).
         self._order = self._packed_order()
-        self._inverse = np.argsort(self._order)
+        # The inverse permutation by a scatter (argsort took 1.4 ms of building config 5).
+        self._inverse = np.empty_like(self._order)
+        self._inverse[self._order] = np.arange(self._order.size)
         self._P = np.empty_like(self.params)
         self._dP = np.empty_like(self.params)
         self._workspaces: dict[int, _ReplicaWorkspace] = {}
