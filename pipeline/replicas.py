@@ -295,18 +295,44 @@ class ReplicaMLP:
         """X as a C-contiguous array of the replicas' dtype, or ValueError."""
         return self._prototype().check_input(X)
 
-    def _forward(self, X: Array) -> _ReplicaWorkspace:
-        """Forward pass of every replica on checked ``X`` from ``params``; the workspace
-        holding the values (reused by the next call for as many rows)."""
-        ws = self._workspace(X.shape[0])
+    # Rows per block of an evaluation pass: K * rows * width values per buffer stay in
+    # the cache (10,000 rows, K=8, forward passes only: configuration 3 5.6 -> 3.4 ms,
+    # 5 17.7 -> 12.1 ms, measured with blocks of 256 to 10,000 rows).
+    EVAL_BLOCK_VALUES = 2**17
+
+    def _outputs(self, X: Array, fractions: _UnitFractions | None = None
+                 ) -> tuple[Array, Array]:
+        """Output pre-activations and activations of every replica on checked ``X``,
+        ``(n_outputs, K, n)`` each, from ``params``, computed block by block of rows.
+
+        ``fractions`` counts the hidden values of each block. With one block the arrays
+        are the workspace's, valid until its next pass.
+        """
         np.take(self.params, self._order, out=self._P, mode="clip")
-        ws.forward(X)
-        return ws
+        n = X.shape[0]
+        rows = max(64, self.EVAL_BLOCK_VALUES // (self.n_replicas * max(self.sizes[1:])))
+        Z = A = None
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            ws = self._workspace(stop - start)
+            ws.forward(X[start:stop])
+            if fractions is not None:
+                fractions.add(ws.A)
+            if stop - start == n:
+                return ws.Z[-1], ws.A[-1]
+            if Z is None:
+                Z = np.empty((self.n_outputs, self.n_replicas, n), dtype=self.dtype)
+                A = Z if ws.A[-1] is ws.Z[-1] else np.empty_like(Z)
+            Z[:, :, start:stop] = ws.Z[-1]
+            if A is not Z:
+                A[:, :, start:stop] = ws.A[-1]
+        if Z is None:  # no rows
+            Z = A = np.empty((self.n_outputs, self.n_replicas, 0), dtype=self.dtype)
+        return Z, A
 
     def forward(self, X: Array) -> Array:
         """Outputs of every replica, shape ``(K, n, n_outputs)``."""
-        ws = self._forward(self.check_input(X))
-        return np.ascontiguousarray(ws.A[-1].transpose(1, 2, 0))
+        return np.ascontiguousarray(self._outputs(self.check_input(X))[1].transpose(1, 2, 0))
 
     def predict_proba(self, X: Array) -> Array:
         """Class probabilities of every replica, shape ``(K, n, n_classes)``."""
@@ -327,7 +353,8 @@ class ReplicaMLP:
     def _workspace(self, n: int) -> _ReplicaWorkspace:
         ws = self._workspaces.get(n)
         if ws is None:
-            while len(self._workspaces) >= 4:
+            # Training batches and their remainder, evaluation blocks and theirs.
+            while len(self._workspaces) >= 8:
                 self._workspaces.pop(next(iter(self._workspaces)))
             ws = self._workspaces[n] = _ReplicaWorkspace(self, n)
         return ws
@@ -846,26 +873,11 @@ def fit_replicas(
 
 def _replica_metrics(model, X, T, labels, loss, lrs, diagnostics, previous, val):
     """fit()'s metrics for every replica: ``{key: array of K values}``."""
-    K = model.n_replicas
-    out_name = model.output_activation.name
-    ws = model._forward(X)
     per: dict[str, Array] = {}
-    per["train/loss"] = ws.losses(T, loss)
-    per["train/accuracy"] = np.array([
-        np.mean(np.argmax(scores_to_proba(ws.outputs(k), out_name, loss.name), axis=1)
-                == labels)
-        for k in range(K)
-    ])
-    fractions = _unit_fractions(model, ws.A) if diagnostics else {}
+    fractions = _UnitFractions(model) if diagnostics else None
+    per["train/loss"], per["train/accuracy"] = _evaluate(model, X, T, labels, loss, fractions)
     if val is not None:
-        X_val, T_val, labels_val = val
-        wv = model._forward(X_val)
-        per["test/loss"] = wv.losses(T_val, loss)
-        per["test/accuracy"] = np.array([
-            np.mean(np.argmax(scores_to_proba(wv.outputs(k), out_name, loss.name), axis=1)
-                    == labels_val)
-            for k in range(K)
-        ])
+        per["test/loss"], per["test/accuracy"] = _evaluate(model, *val, loss, None)
     per["lr"] = np.asarray(lrs, dtype=np.float64)
     if diagnostics:
         grad_norms = _layer_norms(model, model.grad)
@@ -875,8 +887,59 @@ def _replica_metrics(model, X, T, labels, loss, lrs, diagnostics, previous, val)
                                           strict=True), start=1):
             per[f"grad_norm/layer_{i}"] = g
             per[f"update_ratio/layer_{i}"] = np.where(w > 0, u / np.where(w > 0, w, 1.0), 0.0)
-        per.update(fractions)
+        per.update(fractions.result())
     return per
+
+
+def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array, loss: Loss,
+              fractions: _UnitFractions | None) -> tuple[Array, Array]:
+    """Each replica's mean loss and accuracy on checked data, ``(K,)`` each."""
+    Z, A = model._outputs(X, fractions)
+    out_name = model.output_activation.name
+    losses, accuracy = [], []
+    for k in range(model.n_replicas):
+        losses.append(loss.value(Z[:, k, :].T, A[:, k, :].T, T))
+        proba = scores_to_proba(A[:, k, :].T, out_name, loss.name)
+        accuracy.append(np.mean(np.argmax(proba, axis=1) == labels))
+    return np.array(losses), np.array(accuracy)
+
+
+class _UnitFractions:
+    """Dead and saturated unit fractions per hidden layer and replica (as fit() reports
+    them), gathered over blocks of rows."""
+
+    def __init__(self, model: ReplicaMLP) -> None:
+        self.acts = model.hidden_activations
+        self.widths = model.sizes[1:-1]
+        self.live: dict[int, Array] = {}  # (h, K): the unit leaves its flat part somewhere
+        self.saturated: dict[int, Array] = {}  # (K,): saturated values counted
+        self.rows = 0
+
+    def add(self, As: list[Array]) -> None:
+        """Count a block's hidden values ``As[i]``, each ``(h, K, rows)``."""
+        for i, act in enumerate(self.acts, start=1):
+            a = As[i]
+            if act.family == "relu":
+                live = ~np.all(a <= 0, axis=2)
+                self.live[i] = live | self.live[i] if i in self.live else live
+            elif act.family == "saturating":
+                if act.name == "tanh":
+                    deriv, peak = 1.0 - a * a, 1.0
+                else:
+                    deriv, peak = a * (1.0 - a), 0.25
+                count = np.count_nonzero(deriv < SATURATION_THRESHOLD * peak, axis=(0, 2))
+                self.saturated[i] = self.saturated.get(i, 0) + count
+        self.rows += As[-1].shape[2]
+
+    def result(self) -> dict[str, Array]:
+        out: dict[str, Array] = {}
+        for i, act in enumerate(self.acts, start=1):
+            if act.family == "relu":
+                out[f"dead_fraction/layer_{i}"] = np.mean(~self.live[i], axis=0)
+            elif act.family == "saturating":
+                values = self.rows * self.widths[i - 1]
+                out[f"saturated_fraction/layer_{i}"] = self.saturated[i] / values
+        return out
 
 
 def _layer_norms(model: ReplicaMLP, flat: Array) -> list[Array]:
@@ -890,24 +953,6 @@ def _layer_norms(model: ReplicaMLP, flat: Array) -> list[Array]:
             sq = sq + np.sum(np.square(biases[i], dtype=np.float64), axis=1)
         norms.append(np.sqrt(sq))
     return norms
-
-
-def _unit_fractions(model: ReplicaMLP, As: list[Array]) -> dict[str, Array]:
-    """Dead and saturated unit fractions per hidden layer and replica (as fit() does)."""
-    out: dict[str, Array] = {}
-    for i, act in enumerate(model.hidden_activations, start=1):
-        a = As[i]  # (h, K, n)
-        if act.family == "relu":
-            out[f"dead_fraction/layer_{i}"] = np.mean(np.all(a <= 0, axis=2), axis=0)
-        elif act.family == "saturating":
-            if act.name == "tanh":
-                deriv, peak = 1.0 - a * a, 1.0
-            else:
-                deriv, peak = a * (1.0 - a), 0.25
-            out[f"saturated_fraction/layer_{i}"] = np.mean(
-                deriv < SATURATION_THRESHOLD * peak, axis=(0, 2)
-            )
-    return out
 
 
 def replicas_from_config(model: MLP, n_replicas: int) -> ReplicaMLP:
