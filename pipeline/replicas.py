@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from pipeline.activations import const
 from pipeline.losses import (
@@ -403,26 +402,26 @@ class _ReplicaWorkspace:
     - layers 2..L: ``np.matmul`` batched over the replicas (its operands are strided
       views; BLAS takes them as they are), for the forward product, the weight gradient
       and the propagation ``delta_{l-1} = W_l @ delta_l``;
-    - a one-unit layer's propagation is K outer products, which a batched matmul runs
-      on a slow path (43 us for 8 x (3, 1) @ (1, 1000)): while the sizes are small it is
-      one product with a ``(fan_in * K, K)`` matrix holding replica k's weights in
-      column k (K times the arithmetic, one call; the matrix is refreshed from the
-      weights each step), else one broadcast multiply.
+    - the propagation through a one-unit output layer is K outer products
+      ``w_k delta_k^T``, which a batched matmul with an inner dimension of 1 runs on
+      numpy's slow loop (19 us for 8 x (32, 1) @ (1, 64)). Padded to an inner dimension
+      of 2, BLAS runs it: the output delta is the first half of a zero ``(2, K, n)`` array and
+      the weights are copied each step into column 0 of a zero ``(K, fan_in, 2)`` one
+      (K=8: 2.4 us at fan_in=32, n=64; 4.0 for the ``(fan_in * K, K)`` product with
+      replica k's weights in column k it replaces, 6.2 for a broadcast multiply; 9.9
+      vs 25 us for the broadcast at fan_in=16, n=1000). A hidden one-unit layer,
+      whose delta its activation rule needs contiguous, takes the broadcast multiply.
 
     As in :class:`pipeline.nn._Workspace` every numpy call of a step is bound once
     (:meth:`train_program`) and a hidden relu, sigmoid or tanh layer runs in place.
     """
 
-    # Largest fan_in * K * K * n for which a one-unit layer's propagation runs as one
-    # block product rather than a broadcast multiply (measured on the 2-core machine,
-    # K=8: 4.7 vs 7.7 us at fan_in=32, n=64; 6.9 vs 7.4 us at fan_in=3, n=1000; 35 vs
-    # 25 us at fan_in=16, n=1000).
-    BLOCK_PROPAGATE_MACS = 2**19
-    # The block-diagonal forward and weight-gradient products of a one-unit layer are
-    # retired: numpy's batched matmul on the units-major layout beats them at every
-    # size measured (3.8 vs 6.5 us forward at fan_in=3, n=1000; 7 vs 34 us at
-    # fan_in=16). Kept, unused, for code that still sets it.
+    # These sized the block-diagonal products of a one-unit layer, now retired: batched
+    # matmuls on the units-major layout beat them at every size measured (forward 3.8
+    # vs 6.5 us at fan_in=3, n=1000, 7 vs 34 us at fan_in=16; propagation above).
+    # Kept, without effect, for code that still sets them.
     BLOCK_FORWARD_MACS = 0
+    BLOCK_PROPAGATE_MACS = 0
 
     def __init__(self, model: ReplicaMLP, n: int) -> None:
         K, dt, extra = model.n_replicas, model.dtype, int(model.bias)
@@ -482,10 +481,18 @@ class _ReplicaWorkspace:
         # One scratch for the hidden layers' backward rules, which run one at a time.
         ruled = [w for w, act in zip(widths[:-1], self.acts[:-1], strict=True)
                  if act.name != "identity"]
-        shapes = [*widths, max(ruled, default=1)]
+        # A one-unit output layer's delta is the first half of a zero (2, K, n) array,
+        # the padded operand of its propagation (see the class notes); contiguous, so
+        # that the output gradient's calls run on contiguous memory.
+        padded = len(widths) > 1 and widths[-1] == 1
+        shapes = [*(widths[:-1] if padded else widths), max(ruled, default=1)]
         bufs = _arena(self, K * n, shapes, self.dtype)
         self.G = [b.T.reshape(b.shape[1], K, n) for b in bufs[:-1]]
         self.scratch = bufs[-1].reshape(-1, order="F")
+        self.G_padded = None
+        if padded:
+            self.G_padded = np.zeros((2, K, n), dtype=self.dtype)
+            self.G.append(self.G_padded[:1])
         self.t0 = np.empty((n, widths[-1]), dtype=self.dtype)  # targets of a copied batch
         self.rows = np.empty(n, dtype=self.dtype)  # the targets' row sums (cross-entropy)
 
@@ -506,13 +513,11 @@ class _ReplicaWorkspace:
             W, G_prev = self.blocks[i][:, :fi, :], self.G[i - 1]
             if fo > 1:
                 ops.append(partial(np.matmul, W, G.transpose(1, 0, 2), G_prev.transpose(1, 0, 2)))
-            elif fi * K * K * n <= self.BLOCK_PROPAGATE_MACS:
-                # D[j * K + k, k] = W[k, j]: row (j, k) of D @ delta is W[k, j] delta[k].
-                D = np.zeros((fi * K, K), dtype=self.dtype)
-                item = D.itemsize
-                diag = as_strided(D, shape=(fi, K), strides=(K * K * item, (K + 1) * item))
-                ops += [_assign(diag, W[:, :, 0].T),
-                        partial(np.dot, D, G.reshape(K, n), G_prev.reshape(fi * K, n))]
+            elif i == len(sizes) - 2:
+                W_padded = np.zeros((K, fi, 2), dtype=self.dtype)
+                ops += [_assign(W_padded[:, :, 0], W[:, :, 0]),
+                        partial(np.matmul, W_padded, self.G_padded.transpose(1, 0, 2),
+                                G_prev.transpose(1, 0, 2))]
             else:
                 ops.append(partial(np.multiply, W[:, :, 0].T[:, :, None], G, G_prev))
             act = acts[i - 1]

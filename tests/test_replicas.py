@@ -255,3 +255,25 @@ def test_unit_fractions_gathered_over_blocks_equal_the_formula_on_all_rows():
     assert dead.tolist() == [0.0, 1 / 6, 0.0]
     saturated = np.mean(sig * (1 - sig) < SATURATION_THRESHOLD * 0.25, axis=(0, 2))
     np.testing.assert_array_equal(got["saturated_fraction/layer_2"], saturated)
+
+
+@pytest.mark.parametrize("arch", [
+    # A hidden one-unit layer (its propagation a broadcast outer product) before a
+    # one-unit output (a padded batched product).
+    dict(sizes=[2, 5, 1, 4, 1], activation="tanh", output="sigmoid", loss="bce"),
+    # A one-unit identity output, whose values are its pre-activations.
+    dict(sizes=[2, 3, 1], activation="sigmoid", output="identity", loss="half_sse"),
+    # No hidden layer: the output's delta feeds the shared first-layer product.
+    dict(sizes=[2, 1], activation="relu", output="sigmoid", loss="bce"),
+])
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_replicas_with_one_unit_layers_equal_separate_runs(arch, batch_size):
+    lrs = [0.05, 0.02, 0.1]
+    alone = _separate(arch, "adam", lrs, batch_size=batch_size, epochs=5)
+    reps, hist = _together(arch, "adam", lrs, batch_size=batch_size, epochs=5)
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                   atol=1e-11)
+        for key in h.metrics:
+            np.testing.assert_allclose(hist.replicas[k].metrics[key], h.metrics[key],
+                                       rtol=1e-6, atol=1e-9, err_msg=key)
