@@ -684,15 +684,23 @@ class _BoundReplicaSteps:
     def current_params(self) -> Array:
         return self.model._P if self.in_use else self.model.params
 
-    def epoch(self) -> None:
-        """Shuffle and run every batch's step once."""
+    def epoch(self, previous: Array | None = None) -> None:
+        """Shuffle and run every batch's step once; with ``previous``, first copy into it
+        the parameters (in the model's order) as they are before the last step."""
         if self.packed and not self.in_use:
             self._permute(self.model._order)
             np.take(self.model.params, self.model._order, out=self.model._P, mode="clip")
             self.in_use = True
         self.batches()
-        for run in self.steps:
+        steps = self.steps if previous is None else self.steps[:-1]
+        for run in steps:
             run()
+        if previous is not None:
+            if self.in_use:
+                np.take(self.model._P, self.model._inverse, out=previous, mode="clip")
+            else:
+                previous[...] = self.model.params
+            self.steps[-1]()
 
     def sync(self) -> None:
         """Parameters, gradient and optimiser state back in the model's order."""
@@ -836,8 +844,10 @@ def fit_replicas(
                 keep_previous = evaluate_now and diagnostics
                 check_loss = check_unevaluated and not evaluated_last
                 evaluated_last = evaluate_now
-                if bound is not None and not check_loss and not keep_previous:
-                    bound.epoch()
+                if bound is not None and not check_loss:
+                    # Kept to report the size of the epoch's last update relative to the
+                    # weights.
+                    bound.epoch(previous if keep_previous else None)
                 else:
                     if bound is not None:
                         bound.sync()
