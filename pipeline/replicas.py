@@ -404,13 +404,14 @@ class _ReplicaWorkspace:
       and the propagation ``delta_{l-1} = W_l @ delta_l``;
     - the propagation through a one-unit output layer is K outer products
       ``w_k delta_k^T``, which a batched matmul with an inner dimension of 1 runs on
-      numpy's slow loop (19 us for 8 x (32, 1) @ (1, 64)). Padded to an inner dimension
-      of 2, BLAS runs it: the output delta is the first half of a zero ``(2, K, n)`` array and
-      the weights are copied each step into column 0 of a zero ``(K, fan_in, 2)`` one
-      (K=8: 2.4 us at fan_in=32, n=64; 4.0 for the ``(fan_in * K, K)`` product with
-      replica k's weights in column k it replaces, 6.2 for a broadcast multiply; 9.9
-      vs 25 us for the broadcast at fan_in=16, n=1000). A hidden one-unit layer,
-      whose delta its activation rule needs contiguous, takes the broadcast multiply.
+      numpy's slow loop (19 us for 8 x (32, 1) @ (1, 64)). Padded to an inner
+      dimension of 2, BLAS runs it: the output delta is the first half of a zero
+      ``(2, K, n)`` array and the weights are copied each step into column 0 of a zero
+      ``(K, fan_in, 2)`` one (K=8: 2.4 us at fan_in=32, n=64; 4.0 for the
+      ``(fan_in * K, K)`` product with replica k's weights in column k it replaces,
+      6.2 for a broadcast multiply; 9.9 vs 25 us for the broadcast at fan_in=16,
+      n=1000). A hidden one-unit layer, whose delta its activation rule needs
+      contiguous, takes the broadcast multiply.
 
     As in :class:`pipeline.nn._Workspace` every numpy call of a step is bound once
     (:meth:`train_program`) and a hidden relu, sigmoid or tanh layer runs in place.
@@ -644,7 +645,7 @@ class ReplicaHistory(History):
 class _BoundReplicaSteps:
     """The replicas' epochs as bound step programs, as :class:`pipeline.trainer._BoundSteps`.
 
-    Each batch size's step is one list of bound calls (:meth:`_ReplicaWorkspace.
+    Each batch's step is one list of bound calls (:meth:`_ReplicaWorkspace.
     train_program`) ending with the optimiser's (:meth:`Optimizer._program`). A built-in
     optimiser without penalties updates every parameter alike, so it steps on the packed
     copy ``model._P`` and its gradient ``model._dP`` directly, with its state (and a

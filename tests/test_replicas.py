@@ -277,3 +277,28 @@ def test_replicas_with_one_unit_layers_equal_separate_runs(arch, batch_size):
         for key in h.metrics:
             np.testing.assert_allclose(hist.replicas[k].metrics[key], h.metrics[key],
                                        rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_full_batch_with_eval_every_equals_separate_runs():
+    # Unevaluated full-batch epochs of a loss that can overflow (mse) check the loss on
+    # the per-step path, between bound epochs; the result must not depend on it.
+    arch = ARCH["mse"]
+    X, y = _data(k=2)
+    lrs = [0.05, 0.02]
+    alone = []
+    for k, lr in enumerate(lrs):
+        model = MLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                    seed=5 + k)
+        h = fit(model, X, y, loss="mse", optimizer=make_optimizer("adam", lr=lr), epochs=7,
+                seed=1, eval_every=3)
+        alone.append((model, h))
+    reps = ReplicaMLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                      seed=5, n_replicas=2)
+    hist = fit_replicas(reps, X, y, loss="mse", optimizer=make_optimizer("adam", lr=0.05),
+                        epochs=7, seed=1, eval_every=3, learning_rates=lrs)
+    assert hist.epochs == [3, 6, 7]
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                   atol=1e-11)
+        np.testing.assert_allclose(hist.replicas[k].metrics["train/loss"],
+                                   h.metrics["train/loss"], rtol=1e-8)
