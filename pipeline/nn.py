@@ -756,26 +756,43 @@ class _SpareBlocks:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.free: list[Array] = []
+        self.pending: list[Array] = []  # given back while the lock was held
         self.lock = threading.Lock()
 
     def take(self, size: int, dtype: np.dtype, owner: object) -> Array:
         dtype = np.dtype(dtype)
+        block = None
         with self.lock:
-            for i, block in enumerate(self.free):
-                if block.size == size and block.dtype == dtype:
-                    del self.free[i]
+            while self.pending:
+                self.free.append(self.pending.pop(0))
+            self._trim()
+            for i, spare in enumerate(self.free):
+                if spare.size == size and spare.dtype == dtype:
+                    block = self.free.pop(i)
                     break
-            else:
-                block = np.empty(size, dtype=dtype)
+        if block is None:
+            block = np.empty(size, dtype=dtype)
         if block.nbytes <= self.max_bytes:
             weakref.finalize(owner, self.give_back, block).atexit = False
         return block
 
     def give_back(self, block: Array) -> None:
-        with self.lock:
+        # A finalizer: the cyclic garbage collector runs it whenever an allocation starts
+        # a collection, also inside take() on this very thread (a workspace in a
+        # reference cycle, e.g. held by an exception's traceback). Waiting for the lock
+        # there deadlocked; the block then waits for the next take() instead.
+        if not self.lock.acquire(blocking=False):
+            self.pending.append(block)
+            return
+        try:
             self.free.append(block)
-            while sum(b.nbytes for b in self.free) > self.max_bytes:
-                self.free.pop(0)
+            self._trim()
+        finally:
+            self.lock.release()
+
+    def _trim(self) -> None:
+        while sum(b.nbytes for b in self.free) > self.max_bytes:
+            self.free.pop(0)
 
 
 _SPARE_BLOCKS = _SpareBlocks(64 << 20)

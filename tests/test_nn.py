@@ -326,3 +326,33 @@ def test_bad_seed_and_bias_are_named(kwargs, key):
 def test_from_arrays_refuses_non_finite_weights():
     with pytest.raises(ValueError, match="layer 2"):
         MLP.from_arrays([np.ones((2, 3)), np.full((3, 1), np.nan)], activation="tanh")
+
+
+def test_a_workspace_block_given_back_under_the_lock_waits_for_the_next_take():
+    # The cyclic garbage collector can collect a workspace, and run the finalizer that
+    # gives its memory back, while take() holds the lock on the same thread: that used
+    # to deadlock. The block must instead wait for, and be reused by, the next take().
+    import threading
+
+    from pipeline.nn import _SpareBlocks
+
+    class Owner:
+        pass
+
+    spare = _SpareBlocks(1 << 20)
+    block = np.empty(16)
+    done = threading.Event()
+
+    def give_back_while_locked() -> None:
+        with spare.lock:
+            spare.give_back(block)
+        done.set()
+
+    threading.Thread(target=give_back_while_locked, daemon=True).start()
+    assert done.wait(10), "give_back waited for a lock its own thread holds"
+    assert spare.pending == [block] and spare.free == []
+    owner = Owner()
+    assert spare.take(16, np.float64, owner) is block
+    assert spare.pending == [] and spare.free == []
+    del owner  # its finalizer gives the block back, the lock being free
+    assert spare.free == [block]

@@ -13,10 +13,11 @@ from pipeline.replicas import (
     ReplicaHistory,
     ReplicaMLP,
     _ReplicaWorkspace,
+    _UnitFractions,
     fit_replicas,
     replicas_from_config,
 )
-from pipeline.trainer import DivergenceError, StopTraining, fit
+from pipeline.trainer import SATURATION_THRESHOLD, DivergenceError, StopTraining, fit
 
 K = 3
 
@@ -203,3 +204,101 @@ def test_early_stopping_and_stop_training():
                         optimizer=make_optimizer("adam", lr=0.3), epochs=200,
                         X_val=X[40:], y_val=y[40:], patience=3)
     assert hist.stopped_early and hist.best_epoch is not None
+
+
+def test_evaluation_in_blocks_of_rows_equals_separate_runs(monkeypatch):
+    # Blocks of 64 rows: 80 training samples make a block and a remainder of 16, the
+    # 25 validation samples one short block; every metric (loss, accuracy, dead and
+    # saturated fractions) gathered over the blocks equals fit()'s over the whole set.
+    monkeypatch.setattr(ReplicaMLP, "EVAL_BLOCK_VALUES", 1)
+    for name in ("relu", "binary"):
+        arch = ARCH[name]
+        lrs = [0.05, 0.02, 0.1]
+        alone = _separate(arch, "adam", lrs, batch_size=16, epochs=4)
+        reps, hist = _together(arch, "adam", lrs, batch_size=16, epochs=4)
+        for k, (model, h) in enumerate(alone):
+            np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                       atol=1e-11)
+            assert list(hist.replicas[k].metrics) == list(h.metrics)
+            for key in h.metrics:
+                np.testing.assert_allclose(hist.replicas[k].metrics[key], h.metrics[key],
+                                           rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_forward_in_blocks_equals_each_replica_alone(monkeypatch):
+    monkeypatch.setattr(ReplicaMLP, "EVAL_BLOCK_VALUES", 1)
+    X, _ = _data(n=150)
+    reps = ReplicaMLP([2, 5, 4, 3], activation=["tanh", "relu"], output="softmax", seed=3,
+                      n_replicas=4)
+    proba = reps.predict_proba(X)
+    assert proba.shape == (4, 150, 3)
+    for k, model in enumerate(reps.replica_models()):
+        np.testing.assert_allclose(proba[k], model.predict_proba(X), rtol=1e-12)
+    assert reps.forward(X[:0]).shape == (4, 0, 3)
+
+
+def test_unit_fractions_gathered_over_blocks_equal_the_formula_on_all_rows():
+    rng = np.random.default_rng(2)
+    reps = ReplicaMLP([2, 6, 5, 1], activation=["relu", "sigmoid"], seed=0, n_replicas=3)
+    relu = np.maximum(rng.normal(size=(6, 3, 50)), 0.0)
+    relu[:2, :, :30] = 0.0  # flat on the first block only: alive
+    relu[3, :, 30:] = 0.0  # flat on the second block only: alive
+    relu[2, 1, :] = 0.0  # flat everywhere: dead in replica 1
+    sig = 1.0 / (1.0 + np.exp(-4.0 * rng.normal(size=(5, 3, 50))))
+    out = rng.random(size=(1, 3, 50))
+    fractions = _UnitFractions(reps)
+    for rows in (slice(0, 30), slice(30, 50)):
+        fractions.add([None, relu[:, :, rows], sig[:, :, rows], out[:, :, rows]])
+    got = fractions.result()
+    dead = np.mean(np.all(relu <= 0, axis=2), axis=0)
+    np.testing.assert_array_equal(got["dead_fraction/layer_1"], dead)
+    assert dead.tolist() == [0.0, 1 / 6, 0.0]
+    saturated = np.mean(sig * (1 - sig) < SATURATION_THRESHOLD * 0.25, axis=(0, 2))
+    np.testing.assert_array_equal(got["saturated_fraction/layer_2"], saturated)
+
+
+@pytest.mark.parametrize("arch", [
+    # A hidden one-unit layer (its propagation a broadcast outer product) before a
+    # one-unit output (a padded batched product).
+    dict(sizes=[2, 5, 1, 4, 1], activation="tanh", output="sigmoid", loss="bce"),
+    # A one-unit identity output, whose values are its pre-activations.
+    dict(sizes=[2, 3, 1], activation="sigmoid", output="identity", loss="half_sse"),
+    # No hidden layer: the output's delta feeds the shared first-layer product.
+    dict(sizes=[2, 1], activation="relu", output="sigmoid", loss="bce"),
+])
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_replicas_with_one_unit_layers_equal_separate_runs(arch, batch_size):
+    lrs = [0.05, 0.02, 0.1]
+    alone = _separate(arch, "adam", lrs, batch_size=batch_size, epochs=5)
+    reps, hist = _together(arch, "adam", lrs, batch_size=batch_size, epochs=5)
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                   atol=1e-11)
+        for key in h.metrics:
+            np.testing.assert_allclose(hist.replicas[k].metrics[key], h.metrics[key],
+                                       rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_full_batch_with_eval_every_equals_separate_runs():
+    # Unevaluated full-batch epochs of a loss that can overflow (mse) check the loss on
+    # the per-step path, between bound epochs; the result must not depend on it.
+    arch = ARCH["mse"]
+    X, y = _data(k=2)
+    lrs = [0.05, 0.02]
+    alone = []
+    for k, lr in enumerate(lrs):
+        model = MLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                    seed=5 + k)
+        h = fit(model, X, y, loss="mse", optimizer=make_optimizer("adam", lr=lr), epochs=7,
+                seed=1, eval_every=3)
+        alone.append((model, h))
+    reps = ReplicaMLP(arch["sizes"], activation=arch["activation"], output=arch["output"],
+                      seed=5, n_replicas=2)
+    hist = fit_replicas(reps, X, y, loss="mse", optimizer=make_optimizer("adam", lr=0.05),
+                        epochs=7, seed=1, eval_every=3, learning_rates=lrs)
+    assert hist.epochs == [3, 6, 7]
+    for k, (model, h) in enumerate(alone):
+        np.testing.assert_allclose(reps.replica_params(k), model.params, rtol=1e-8,
+                                   atol=1e-11)
+        np.testing.assert_allclose(hist.replicas[k].metrics["train/loss"],
+                                   h.metrics["train/loss"], rtol=1e-8)
