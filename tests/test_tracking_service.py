@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TRAIN_PY
 
 from pipeline import tracking_service
 from pipeline.nn import MLP
 from pipeline.stores import TrackingUnavailable
-from tests.conftest import TRAIN_PY
 
 PARAMS = {"model": {"hidden_sizes": [8, 8], "activation": "tanh"}, "optimizer": {"lr": 0.01}}
 TAGS = {"dataset": "moons", "overrides": "(defaults)"}
