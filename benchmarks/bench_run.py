@@ -99,13 +99,13 @@ def bench_runs(repeats: int, overrides: list[str], work: Path) -> None:
             for key, value in _last_phases(store).items():
                 phases[way].setdefault(key, []).append(value)
     print(f"python train.py {' '.join(overrides)}: medians of {repeats} interleaved repeats")
-    header = f"{'way':<12}{'wall':>8}" + "".join(f"{p:>10}" for p in PHASES)
+    header = f"{'way':<12}{'wall':>8}" + "".join(f"{p:>17}" for p in PHASES)
     print(header)
     print("-" * len(header))
     med = {w: statistics.median(v) for w, v in walls.items()}
     for way in WAYS:
         cells = "".join(
-            f"{statistics.median(phases[way][p]):>9.2f}s" if p in phases[way] else f"{'-':>10}"
+            f"{statistics.median(phases[way][p]):>16.2f}s" if p in phases[way] else f"{'-':>17}"
             for p in PHASES)
         print(f"{way:<12}{med[way]:>7.2f}s{cells}")
     for way in ("service", "in-process"):
