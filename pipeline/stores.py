@@ -190,3 +190,18 @@ def _check_http(uri: str, timeout_s: float) -> None:
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} is unreachable ({reason}); {hint}"
         ) from None
+
+
+def metric_rows(
+    metrics: Mapping[str, object], step: int, timestamp_ms: int
+) -> list[tuple[str, float, int, int]]:
+    """``(key, value, timestamp_ms, step)`` rows of a metrics dict, values checked to be
+    numbers (a ValueError names the first that is not)."""
+    rows = []
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metric {key!r}={value!r}: metric values must be numbers") from None
+        rows.append((str(key), number, int(timestamp_ms), int(step)))
+    return rows

@@ -71,6 +71,7 @@ from pipeline.stores import (  # noqa: F401 (re-exported for callers)
     limit_http_retries,
     local_tracking_uri,
     local_tracking_uri_for,
+    metric_rows,
     resolve_tracking_uri,
     run_url,
     ui_command,
@@ -585,15 +586,7 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Buffer metric values at ``step`` (sent by :meth:`flush` / :meth:`end`)."""
         self._require_run()
-        timestamp = _now_ms()
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"metric {key!r}={value!r}: metric values must be numbers"
-                ) from None
-            self._metrics.append(Metric(key, number, timestamp, int(step)))
+        self._metrics.extend(Metric(*row) for row in metric_rows(metrics, step, _now_ms()))
 
     def log_metric_rows(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
         """Buffer metric values already stamped elsewhere: ``(key, value, timestamp_ms, step)``

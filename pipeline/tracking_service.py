@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.stores import TrackingUnavailable
+from pipeline.stores import TrackingUnavailable, metric_rows
 
 log = logging.getLogger(__name__)
 
@@ -277,17 +277,7 @@ class RemoteTracker:
                 self.wait_started()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        timestamp = int(time.time() * 1000)
-        rows = []
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"metric {key!r}={value!r}: metric values must be numbers"
-                ) from None
-            rows.append((str(key), number, timestamp, int(step)))
-        self.service.post("metric_rows", rows)
+        self.service.post("metric_rows", metric_rows(metrics, step, int(time.time() * 1000)))
 
     def flush(self) -> None:
         """Ask the service to send buffered metrics now (training is over, say)."""
