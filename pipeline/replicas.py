@@ -67,6 +67,7 @@ from pipeline.trainer import (
     _ShuffledViews,
     blas_threads,
     prepare_inputs,
+    run_epoch_steps,
 )
 
 Array = np.ndarray
@@ -852,16 +853,9 @@ def fit_replicas(
                 else:
                     if bound is not None:
                         bound.sync()
-                    for k, (xb, tb) in enumerate(epoch_batches()):
-                        if check_loss:
-                            value = value_and_grad(xb, tb, loss, True)
-                            if not np.isfinite(value):
-                                raise DivergenceError(epoch - 1, f"loss became {value}")
-                        else:
-                            value_and_grad(xb, tb, loss, False)
-                        if keep_previous and k == n_batches - 1:
-                            previous[...] = params
-                        optimizer.step(params, grad)
+                    run_epoch_steps(epoch_batches(), n_batches, value_and_grad,
+                                    optimizer.step, loss, epoch, check_loss,
+                                    previous if keep_previous else None, params, grad)
                 if not _all_finite(params if bound is None else bound.current_params):
                     if bound is not None:
                         bound.sync()

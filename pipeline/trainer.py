@@ -374,18 +374,9 @@ def fit(
                 else:
                     if bound is not None:
                         bound.sync()
-                    for k, (xb, tb) in enumerate(epoch_batches()):
-                        if check_loss:
-                            value = value_and_grad(xb, tb, loss, True)
-                            if not np.isfinite(value):
-                                raise DivergenceError(epoch - 1, f"loss became {value}")
-                        else:
-                            value_and_grad(xb, tb, loss, False)
-                        if keep_previous and k == n_batches - 1:
-                            # Kept to report the size of the epoch's last update relative to
-                            # the weights.
-                            previous[...] = params
-                        step(params, grad)
+                    run_epoch_steps(epoch_batches(), n_batches, value_and_grad, step, loss,
+                                    epoch, check_loss, previous if keep_previous else None,
+                                    params, grad)
                 if not _all_finite(params if bound is None else bound.current_params):
                     raise DivergenceError(epoch, "parameters became non-finite")
                 if not evaluate_now:
@@ -463,6 +454,29 @@ def _evaluate(forward, model: MLP, X: Array, T: Array, labels: Array, loss: Loss
     value = loss.value(Zs[-1], As[-1], T)
     proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
     return value, float(np.mean(np.argmax(proba, axis=1) == labels))
+
+
+def run_epoch_steps(batches: Iterable[tuple[Array, Array]], n_batches: int, value_and_grad,
+                    step, loss: Loss, epoch: int, check_loss: bool, previous: Array | None,
+                    params: Array, grad: Array) -> None:
+    """One epoch of optimiser steps the plain way (one call per step, not a bound program).
+
+    ``check_loss`` computes each step's loss and raises :class:`DivergenceError` naming the
+    previous epoch when it is not finite; ``previous``, if given, receives the parameters
+    before the epoch's last step (to report the size of that update relative to the
+    weights). Shared by :func:`fit` and the replica trainer.
+    """
+    last = n_batches - 1
+    for k, (xb, tb) in enumerate(batches):
+        if check_loss:
+            value = value_and_grad(xb, tb, loss, True)
+            if not np.isfinite(value):
+                raise DivergenceError(epoch - 1, f"loss became {value}")
+        else:
+            value_and_grad(xb, tb, loss, False)
+        if previous is not None and k == last:
+            previous[...] = params
+        step(params, grad)
 
 
 def _all_finite(params: Array) -> bool:
