@@ -20,6 +20,7 @@ then update every parameter in one vectorised call, and weight decay touches exa
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -751,6 +752,12 @@ class _SpareBlocks:
     sweep, cross-validation, a benchmark) now reuses warm memory. At most ``max_bytes``
     wait here (the oldest go first); a block in use is never here, since it only comes
     back when its workspace, which holds every view of it, has been collected.
+
+    Large blocks are kept too: on a virtual machine that hands freed memory back to its
+    host, touching fresh memory costs far more than zeroing it (about 2 ms per MB on the
+    2-core test machine, so 0.85 s for the 413 MB workspace of 100,000 rows of 256-unit
+    layers, against 0.07 s when the memory was freed a moment ago). :func:`release_spare_memory`
+    gives it all back.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -795,7 +802,23 @@ class _SpareBlocks:
             self.free.pop(0)
 
 
-_SPARE_BLOCKS = _SpareBlocks(64 << 20)
+def _spare_limit() -> int:
+    """Memory kept for later workspaces: 1/16 of the machine's RAM, at most 1 GiB."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not a POSIX system
+        ram = 8 << 30
+    return int(min(1 << 30, ram // 16))
+
+
+_SPARE_BLOCKS = _SpareBlocks(_spare_limit())
+
+
+def release_spare_memory() -> None:
+    """Free the memory kept from the workspaces of models that are gone."""
+    with _SPARE_BLOCKS.lock:
+        _SPARE_BLOCKS.free.clear()
+        _SPARE_BLOCKS.pending.clear()
 
 
 def packed_order(model: MLP) -> Array:

@@ -356,3 +356,28 @@ def test_a_workspace_block_given_back_under_the_lock_waits_for_the_next_take():
     assert spare.pending == [] and spare.free == []
     del owner  # its finalizer gives the block back, the lock being free
     assert spare.free == [block]
+
+
+def test_a_large_workspace_block_is_reused_by_the_next_model_until_released():
+    # 100,000 rows of 256-unit layers need 413 MB of workspace: the block of a model
+    # that is gone must serve the next one (fresh memory costs ~2 ms/MB on a VM) and
+    # release_spare_memory() must give it back.
+    import gc
+
+    from pipeline.nn import _SPARE_BLOCKS, _arena, release_spare_memory
+
+    class Owner:
+        pass
+
+    first = Owner()
+    widths = [3, 257, 257]  # 80 MB of float32 at 40,000 rows: above the old 64 MB limit
+    address = _arena(first, 40_000, widths, np.float32)[0].ctypes.data
+    del first
+    gc.collect()
+    second = Owner()
+    assert _arena(second, 40_000, widths, np.float32)[0].ctypes.data == address
+    del second
+    gc.collect()
+    assert any(b.nbytes > 64 << 20 for b in _SPARE_BLOCKS.free)
+    release_spare_memory()
+    assert _SPARE_BLOCKS.free == [] and _SPARE_BLOCKS.pending == []
