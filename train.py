@@ -205,9 +205,11 @@ if __name__ == "__main__":
         status = cli()
     finally:
         tracking_service.shutdown()  # its run is ended by now; let it exit
-    if status > 128 or _single_run:
-        # The run is recorded and flushed: skipping the interpreter's module teardown saves
-        # about a second of a few-second run. Not after a sweep: joblib's and submitit's
-        # pools must shut down the normal way (threads joined before the exit hooks).
+    sweep = sys.modules.get("pipeline.sweep")
+    if status > 128 or _single_run or (sweep is not None and sweep.ready_to_exit()):
+        # The runs are recorded and flushed: skipping the interpreter's module teardown
+        # saves a second or two. After a sweep only when its launcher left nothing running
+        # (basic, or joblib once its workers have exited): submitit's pools must shut down
+        # the normal way (threads joined before the exit hooks).
         _exit_at_once(status)
     sys.exit(status)

@@ -270,6 +270,9 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         seconds = time.perf_counter() - self._started
+        # Every job is done: let joblib's workers exit (each tears its interpreter down,
+        # about a second with MLflow loaded) while this process builds the report.
+        close_joblib_workers(config)
         if self.context is None:
             failed = _failed_from_files(self._sweep_dir)
             self._finish(failed, seconds)
@@ -512,6 +515,45 @@ __all__ = ["MlflowSweepCallback", "SweepContext", "current_context", "swept_para
 
 
 JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+# Set at the end of a sweep whose launcher leaves nothing running once its jobs are
+# done (the basic one, or joblib's once its workers have exited): see ready_to_exit().
+_finished_sweep: dict[str, Any] = {}
+
+
+def close_joblib_workers(config: DictConfig) -> threading.Thread | None:
+    """Shut joblib's reusable loky executor down in a background thread (its workers exit
+    in parallel with whatever this process does next); records, for
+    :func:`ready_to_exit`, whether the sweep's launcher is one known to leave nothing
+    behind. Returns the shutdown thread, or None when there is no executor."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    _finished_sweep.clear()
+    _finished_sweep["known_launcher"] = target in (BASIC_LAUNCHER, JOBLIB_LAUNCHER)
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    if executor is None or getattr(getattr(executor, "_flags", None), "shutdown", False):
+        return None  # none, or already shut down
+    thread = threading.Thread(target=executor.shutdown, kwargs={"wait": True},
+                              name="joblib-shutdown", daemon=True)
+    thread.start()
+    _finished_sweep["closing"] = thread
+    return thread
+
+
+def ready_to_exit(timeout: float = 60.0) -> bool:
+    """Whether the finished sweep left no worker or pool thread behind (waiting up to
+    ``timeout`` s for joblib's workers to exit), so the process may skip the
+    interpreter's teardown. False for launchers we know nothing about (submitit's pools
+    must be shut down the normal way) and when no sweep ended in this process."""
+    if not _finished_sweep.get("known_launcher"):
+        return False
+    closing = _finished_sweep.get("closing")
+    if closing is not None:
+        closing.join(timeout)
+        if closing.is_alive():
+            return False
+    return True
 
 
 def warm_worker() -> int:

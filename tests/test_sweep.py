@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -342,6 +343,22 @@ def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in():
     assert set(pids) <= set(thread.pids), (pids, thread.pids)
     other = OmegaConf.create({"hydra": {"launcher": {"_target_": "basic.BasicLauncher"}}})
     assert prewarm_joblib_workers(other) is None
+
+    # At the sweep's end the workers are shut down in the background, and only once they
+    # have exited may train.py skip the interpreter's teardown.
+    closing = sweep.close_joblib_workers(config)
+    assert closing is not None
+    assert sweep.ready_to_exit(timeout=60)
+    assert not closing.is_alive()
+    for pid in thread.pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    unknown = OmegaConf.create({"hydra": {"launcher": {"_target_": "x.SubmititLauncher"}}})
+    assert sweep.close_joblib_workers(unknown) is None
+    assert not sweep.ready_to_exit(timeout=1)
+    basic = OmegaConf.create({"hydra": {"launcher": {"_target_": sweep.BASIC_LAUNCHER}}})
+    assert sweep.close_joblib_workers(basic) is None
+    assert sweep.ready_to_exit(timeout=1)
 
 
 def _pid_after(seconds: float) -> int:
