@@ -213,7 +213,7 @@ class MlflowSweepCallback(Callback):
         self._started = time.perf_counter()
         self._sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
         self.context = None
-        prewarm_joblib_workers(config)
+        in_workers = prewarm_joblib_workers(config) is not None
         trk = OmegaConf.select(config, "tracking")
         if trk is None or trk.get("kind", "none") == "none":
             log.info("sweep: tracking is off (tracking=none); no parent run")
@@ -224,6 +224,11 @@ class MlflowSweepCallback(Callback):
             # Before any job: a sweep that cannot be tracked stops here, clearly.
             print(f"sweep: cannot start the sweep's MLflow parent run: {e}", file=sys.stderr)
             raise SystemExit(EXIT_JOB_FAILED) from e
+        if in_workers and self.report:
+            # This process waits idle while joblib's workers run the jobs: import what the
+            # report draws with meanwhile (with the basic launcher the jobs import it here).
+            threading.Thread(target=_import_report_modules, name="report-imports",
+                             daemon=True).start()
 
     def _start_parent(self, config: DictConfig) -> SweepContext:
         from pipeline import report as rep
@@ -520,6 +525,17 @@ BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 # Set at the end of a sweep whose launcher leaves nothing running once its jobs are
 # done (the basic one, or joblib's once its workers have exited): see ready_to_exit().
 _finished_sweep: dict[str, Any] = {}
+
+
+def _import_report_modules() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import pipeline.io  # noqa: F401
+        import pipeline.plots  # noqa: F401
+    except Exception as e:  # the report imports them again and says what fails
+        log.debug("sweep: report imports failed: %s", e)
 
 
 def close_joblib_workers(config: DictConfig) -> threading.Thread | None:
