@@ -26,7 +26,7 @@ Colour conventions, shared by all plots so that a reader learns them once:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -925,7 +925,7 @@ def save_image(image: Any, path: str | Path) -> Path:
 _GIF_COLOURS = 255
 
 
-def _unchanged_transparent(frames: list[Any]) -> list[Any]:
+def _unchanged_transparent(frames: Iterable[Any]) -> list[Any]:
     """Frames after the first with every pixel equal to the previous frame's made
     transparent (index ``_GIF_COLOURS``), all sharing the first frame's palette.
 
@@ -935,10 +935,12 @@ def _unchanged_transparent(frames: list[Any]) -> list[Any]:
     """
     from PIL import Image
 
-    palette = frames[0].getpalette()
-    out = [frames[0]]
-    previous = np.asarray(frames[0])
-    for frame in frames[1:]:
+    frames = iter(frames)  # consumed one at a time: a generator may draw them lazily
+    first = next(frames)
+    palette = first.getpalette()
+    out = [first]
+    previous = np.asarray(first)
+    for frame in frames:
         current = np.asarray(frame)
         assert current.max() < _GIF_COLOURS  # the transparent index is not a colour
         delta = np.where(current == previous, np.uint8(_GIF_COLOURS), current)
@@ -1085,14 +1087,16 @@ class BoundaryAnimation:
             raise ValueError(f"fps must be > 0, got {fps!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        images = self._render_frames(dpi)
+        paint = self._frame_painter(dpi)
+        n = len(self.frames)
+        first, last = paint(0), paint(n - 1)
 
         # One palette for all frames, built from the first and last frame (the extremes
         # of the colour range), and applied without dithering: faster, smaller, no flicker.
-        w, h = images[0].size
+        w, h = first.size
         probe = Image.new("RGB", (w, 2 * h))
-        probe.paste(images[0], (0, 0))
-        probe.paste(images[-1], (0, h))
+        probe.paste(first, (0, 0))
+        probe.paste(last, (0, h))
         palette = probe.quantize(colors=_GIF_COLOURS, method=Image.Quantize.MEDIANCUT)
         # Pillow maps a colour to the palette through a cache of cells about 8 levels wide,
         # so the figure's white came out light grey (252) through a near-white entry of
@@ -1101,8 +1105,12 @@ class BoundaryAnimation:
         for exact in (255, 0):
             rgb[np.abs(rgb - exact).max(axis=1) <= 8] = exact
         palette.putpalette(rgb.astype(np.uint8).tobytes())
+        # Each frame is quantised as soon as it is drawn, so one RGB picture (0.5 MB) is
+        # alive at a time instead of all of them: in a fresh process, new memory costs
+        # about as much as drawing.
+        rgb_frames = (first if i == 0 else last if i == n - 1 else paint(i) for i in range(n))
         frames = _unchanged_transparent(
-            [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+            im.quantize(palette=palette, dither=Image.Dither.NONE) for im in rgb_frames
         )
 
         step_ms = int(round(1000.0 / fps))
@@ -1120,8 +1128,9 @@ class BoundaryAnimation:
         text = _metrics_text(self.metrics[i])
         return f"epoch {self.epochs[i]}" + (f"\n{text}" if text else "\n ")
 
-    def _render_frames(self, dpi: int) -> list[Any]:
-        """One RGB PIL image per frame, all drawn on one renderer's figure."""
+    def _frame_painter(self, dpi: int) -> Callable[[int], Any]:
+        """``paint(i)``: frame ``i`` as an RGB PIL image, all drawn on one renderer's
+        figure, in any order."""
         titles = [self._title(i) for i in range(len(self.frames))]
         renderer = BoundaryRenderer(
             *self.train, *(self.test or (None, None)), grid=self.grid,
@@ -1130,7 +1139,12 @@ class BoundaryAnimation:
         )
         # The longest title makes the room in the layout, so that no frame overflows it.
         reserve = max(titles, key=len)
-        return [renderer._render(D, t, reserve) for D, t in zip(self.frames, titles, strict=True)]
+        return lambda i: renderer._render(self.frames[i], titles[i], reserve)
+
+    def _render_frames(self, dpi: int) -> list[Any]:
+        """One RGB PIL image per frame, all drawn on one renderer's figure."""
+        paint = self._frame_painter(dpi)
+        return [paint(i) for i in range(len(self.frames))]
 
 
 # ------------------------------------------------------------------- sweeps and reports
