@@ -632,6 +632,9 @@ class _Workspace:
           made block by block), over its own values ``A = Z``: each block's mask is taken
           from ``A`` before ``G`` is written over it (:func:`_blocked_relu_in_place`);
         - for an identity layer (no mask), over its own values ``A = Z``;
+        - for a tanh or sigmoid layer, over its own ``Z``: their rules read only ``A``
+          (:data:`RULES_WITHOUT_Z`), so the product above and the rule write ``G``
+          where ``Z`` was;
         - otherwise into a dead buffer above, when one is wide enough (never an ``A``'s
           ones column: only the ``A_j`` views, which stop before it).
 
@@ -651,6 +654,11 @@ class _Workspace:
             if name == "identity" or (name == "relu" and widths[k + 1] == 1):
                 # Z[k] is A[k + 1] for both (in place); dead once dW_{k+1} is made.
                 assert self.Z[k] is self.A[k + 1]
+                homes[k] = self.Z[k]
+                continue
+            if name in RULES_WITHOUT_Z:
+                # Z[k] is the layer's own, read by nothing after the forward pass.
+                assert self.Z[k] is not self.A[k + 1]
                 homes[k] = self.Z[k]
                 continue
             # Dead while G[k] is written (the step of layer k + 1): the hidden A above,
@@ -697,9 +705,9 @@ class _Workspace:
             rule = act.name != "identity"
             if rule and n * W.shape[0] > FOLD_BLOCK_ELEMENTS:
                 outer = (G, W[:, 0]) if W.shape[1] == 1 else None
-                if G_prev is Z_prev:
+                if act.name == "relu" and G_prev is Z_prev:
                     # A relu layer under a one-unit layer: G over its values (_grad_homes).
-                    assert act.name == "relu" and outer is not None and Z_prev is A_prev
+                    assert outer is not None and Z_prev is A_prev
                     ops.append(_blocked_relu_in_place(A_prev, scratch, outer))
                     continue
                 if outer is None:
@@ -788,6 +796,11 @@ FOLD_MIN_ELEMENTS = 0
 
 
 FOLD_BLOCK_ELEMENTS = 2**18
+
+# Hidden activations whose backward rule reads only the output ``a``, never ``z`` (tanh:
+# 1 - a^2, sigmoid: a (1 - a)): on long batches their G is written over their own Z
+# (see _Workspace._grad_homes). tests/test_fastpath.py holds every name here to it.
+RULES_WITHOUT_Z = frozenset({"tanh", "sigmoid"})
 
 
 def _arena(owner: object, n: int, widths: Sequence[int], dtype: np.dtype) -> list[Array]:

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, get_activation
 from pipeline.losses import LOSSES, get_loss
-from pipeline.nn import MLP
+from pipeline.nn import MLP, RULES_WITHOUT_Z
 from pipeline.optim import OPTIMIZERS, make_optimizer
 from pipeline.trainer import (
     PARALLEL_MIN_MACS,
@@ -675,15 +675,17 @@ def test_gradients_in_dead_buffers_equal_the_reference(long_batches, activation,
         model.params[...] -= 0.05 * model.grad
 
 
-@pytest.mark.parametrize(("sizes", "activation", "in_place", "elsewhere"), [
-    ([3, 6, 6, 1], "relu", [1], []),            # config 4's shape: the top layer in place
-    ([3, 6, 6, 1], "tanh", [], [0]),            # G[0] into the dead A[2] (or Z[1])
-    ([3, 6, 6, 6, 1], "relu", [2], [0]),        # G[1] on its own, G[0] into A[2]
-    ([3, 6, 6, 6, 2], "relu", [], [0, 1]),      # full products: G[1] into A[3], G[0] A[2]
-    ([3, 6, 6, 1], "identity", [0, 1], []),
-    ([3, 7, 6, 1], "tanh", [], []),             # nothing above wide enough for G[0]
+@pytest.mark.parametrize(("sizes", "activation", "in_place", "own_z", "elsewhere"), [
+    ([3, 6, 6, 1], "relu", [1], [], []),        # config 4's shape: the top layer in place
+    ([3, 6, 6, 1], "leaky_relu", [], [], [0]),  # G[0] into the dead A[2] (or Z[1])
+    ([3, 6, 6, 1], "tanh", [], [0, 1], []),     # the rules read A only: G over Z
+    ([3, 6, 6, 1], ["sigmoid", "relu"], [1], [0], []),
+    ([3, 6, 6, 6, 1], "relu", [2], [], [0]),    # G[1] on its own, G[0] into A[2]
+    ([3, 6, 6, 6, 2], "relu", [], [], [0, 1]),  # full products: G[1] into A[3], G[0] A[2]
+    ([3, 6, 6, 1], "identity", [0, 1], [], []),
+    ([3, 7, 6, 1], "elu", [], [], []),          # nothing above wide enough for G[0]
 ])
-def test_where_the_gradients_live(long_batches, sizes, activation, in_place, elsewhere):
+def test_where_the_gradients_live(long_batches, sizes, activation, in_place, own_z, elsewhere):
     model = MLP(sizes, activation=activation, seed=0)
     ws = model._workspace(ALIAS_ROWS)
     ws._grad_buffers()
@@ -692,6 +694,8 @@ def test_where_the_gradients_live(long_batches, sizes, activation, in_place, els
         shared = [f for f in forward if np.shares_memory(g, f)]
         if k in in_place:
             assert g is ws.Z[k] and ws.Z[k] is ws.A[k + 1]
+        elif k in own_z:
+            assert g is ws.Z[k] and not np.shares_memory(g, ws.A[k + 1])
         elif k in elsewhere:
             assert shared and not np.shares_memory(g, ws.A[k + 1])
             assert not np.shares_memory(g, ws.Z[k]) and not np.shares_memory(g, ws.G[k + 1])
@@ -781,3 +785,25 @@ def test_relu_rule_in_place_equals_the_blocked_rule(dtype):
     # the blocked rule makes on long batches; on blocks this small it takes NaN as 1).
     np.testing.assert_array_equal(a, np.where(z > 0, g * wv, 0.0).astype(dtype))
     np.testing.assert_array_equal(a[~np.isnan(z)], G[~np.isnan(z)])
+
+
+@pytest.mark.parametrize("name", sorted(RULES_WITHOUT_Z))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rules_said_not_to_read_z_do_not(name, dtype):
+    # Their G is written over Z before the rule runs (_Workspace._grad_homes).
+    act = get_activation(name)
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(40, 5)) * 3).astype(dtype)
+    a = act.forward(z)
+    g = rng.normal(size=z.shape).astype(dtype)
+    expected = g.copy()
+    act.backward_to(z, a, expected, np.empty_like(z))
+    garbage = np.full_like(z, np.nan)
+    got = g.copy()
+    act.backward_to(garbage, a, got, np.empty_like(z))
+    np.testing.assert_array_equal(got, expected)
+    got = g.copy()
+    for op in act.backward_program(garbage, a, got, np.empty_like(z)):
+        op()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(act.backward(garbage, a, g), act.backward(z, a, g))
