@@ -675,6 +675,32 @@ def test_gradients_in_dead_buffers_equal_the_reference(long_batches, activation,
         model.params[...] -= 0.05 * model.grad
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "identity"])
+@pytest.mark.parametrize("sizes", [[4, 5, 5, 1], [4, 5, 6, 6, 3]])
+def test_gradients_in_dead_buffers_with_unfolded_biases(monkeypatch, long_batches, activation,
+                                                        sizes):
+    # Biases added after the products (no ones column), the layout of FOLD_MIN_ELEMENTS.
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
+    model = MLP(sizes, activation=activation, output="identity", seed=2)
+    ws = model._workspace(ALIAS_ROWS)
+    assert not ws.fold and _shared_grads(ws) > 0
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(ALIAS_ROWS, 4)) * 2
+    T = rng.normal(size=(ALIAS_ROWS, sizes[-1]))
+    L = get_loss("mse")
+    for _ in range(3):
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(model._forward_fast(X)[1][-1], model._forward(X)[1][-1],
+                                   rtol=1e-12, atol=1e-14)
+        model.params[...] -= 0.05 * model.grad
+
+
 @pytest.mark.parametrize(("sizes", "activation", "in_place", "own_z", "elsewhere"), [
     ([3, 6, 6, 1], "relu", [1], [], []),        # config 4's shape: the top layer in place
     ([3, 6, 6, 1], "leaky_relu", [], [], [0]),  # G[0] into the dead A[2] (or Z[1])
