@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, get_activation
 from pipeline.losses import LOSSES, get_loss
-from pipeline.nn import MLP
+from pipeline.nn import MLP, RULES_WITHOUT_Z
 from pipeline.optim import OPTIMIZERS, make_optimizer
 from pipeline.trainer import (
     PARALLEL_MIN_MACS,
@@ -609,3 +609,227 @@ def test_bound_step_programs_without_biases(optimizer):
         return model.params
 
     np.testing.assert_allclose(run(True), run(False), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ gradients in dead buffers
+# On long batches (n * width > FOLD_BLOCK_ELEMENTS) a hidden layer's G = dLoss/dZ is written
+# into a forward buffer that is dead by then (_Workspace._grad_homes). The threshold is
+# lowered here so that 40 rows count as long: blocks of 2 columns, a ragged last one on
+# the 5-wide layers. A wrong aliasing would overwrite a value before it is read.
+ALIAS_ROWS = 40
+ALIAS_SIZES = [
+    [4, 5, 5, 1],        # the top relu layer in place; below it a dead A above, or none
+    [4, 5, 6, 5, 1],     # three hidden layers: a dead buffer for the lowest one
+    [4, 5, 6, 6, 3],     # several output units: full products all the way down
+    [4, 5, 1, 5, 2],     # a one-unit hidden layer (short) over a long one
+]
+ALIAS_PAIRS = [("sigmoid", "bce"), ("softmax", "cross_entropy"), ("identity", "mse"),
+               ("identity", "half_sse")]
+
+
+@pytest.fixture
+def long_batches(monkeypatch):
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_BLOCK_ELEMENTS", 100)
+
+
+def _shared_grads(ws) -> int:
+    """How many of the workspace's G arrays live in a forward buffer (builds them)."""
+    if ws.G is None:
+        ws._grad_buffers()
+    forward = [*ws.Ain, *ws.Z, *ws.A[1:]]
+    return sum(any(np.shares_memory(g, f) for f in forward) for g in ws.G)
+
+
+@pytest.mark.parametrize("activation", [*HIDDEN_ACTIVATIONS, ("relu", "tanh", "relu"),
+                                        ("tanh", "identity", "relu")])
+@pytest.mark.parametrize("sizes", ALIAS_SIZES)
+@pytest.mark.parametrize(("output", "loss"), ALIAS_PAIRS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_in_dead_buffers_equal_the_reference(long_batches, activation, sizes, output,
+                                                       loss, bias):
+    if not isinstance(activation, str):
+        activation = list(activation)[: len(sizes) - 2]
+    if output == "softmax":
+        sizes = [*sizes[:-1], max(sizes[-1], 2)]
+    model = MLP(sizes, activation=activation, output=output, bias=bias, seed=2,
+                activation_params={"slope": 0.1, "alpha": 0.7})
+    assert _shared_grads(model._workspace(ALIAS_ROWS)) > 0
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(ALIAS_ROWS, 4)) * 2
+    T = model.encode_targets(rng.integers(0, model.n_classes, ALIAS_ROWS))
+    L = get_loss(loss)
+    for _ in range(3):  # steps on the same buffers, the parameters moving in between
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+        # A forward pass after a step gives every layer's values back.
+        Zs, As = model._forward_fast(X)
+        Z_ref, A_ref = model._forward(X)
+        np.testing.assert_allclose(Zs[-1], Z_ref[-1], rtol=1e-12, atol=1e-14)
+        for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
+            np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
+        model.params[...] -= 0.05 * model.grad
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "identity"])
+@pytest.mark.parametrize("sizes", [[4, 5, 5, 1], [4, 5, 6, 6, 3]])
+def test_gradients_in_dead_buffers_with_unfolded_biases(monkeypatch, long_batches, activation,
+                                                        sizes):
+    # Biases added after the products (no ones column), the layout of FOLD_MIN_ELEMENTS.
+    import pipeline.nn as nn_module
+
+    monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
+    model = MLP(sizes, activation=activation, output="identity", seed=2)
+    ws = model._workspace(ALIAS_ROWS)
+    assert not ws.fold and _shared_grads(ws) > 0
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(ALIAS_ROWS, 4)) * 2
+    T = rng.normal(size=(ALIAS_ROWS, sizes[-1]))
+    L = get_loss("mse")
+    for _ in range(3):
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(model._forward_fast(X)[1][-1], model._forward(X)[1][-1],
+                                   rtol=1e-12, atol=1e-14)
+        model.params[...] -= 0.05 * model.grad
+
+
+@pytest.mark.parametrize(("sizes", "activation", "in_place", "own_z", "elsewhere"), [
+    ([3, 6, 6, 1], "relu", [1], [], []),        # config 4's shape: the top layer in place
+    ([3, 6, 6, 1], "leaky_relu", [], [], [0]),  # G[0] into the dead A[2] (or Z[1])
+    ([3, 6, 6, 1], "tanh", [], [0, 1], []),     # the rules read A only: G over Z
+    ([3, 6, 6, 1], ["sigmoid", "relu"], [1], [0], []),
+    ([3, 6, 6, 6, 1], "relu", [2], [], [0]),    # G[1] on its own, G[0] into A[2]
+    ([3, 6, 6, 6, 2], "relu", [], [], [0, 1]),  # full products: G[1] into A[3], G[0] A[2]
+    ([3, 6, 6, 1], "identity", [0, 1], [], []),
+    ([3, 7, 6, 1], "elu", [], [], []),          # nothing above wide enough for G[0]
+])
+def test_where_the_gradients_live(long_batches, sizes, activation, in_place, own_z, elsewhere):
+    model = MLP(sizes, activation=activation, seed=0)
+    ws = model._workspace(ALIAS_ROWS)
+    ws._grad_buffers()
+    forward = [*ws.Ain, *ws.Z, *ws.A[1:]]
+    for k, g in enumerate(ws.G):
+        shared = [f for f in forward if np.shares_memory(g, f)]
+        if k in in_place:
+            assert g is ws.Z[k] and ws.Z[k] is ws.A[k + 1]
+        elif k in own_z:
+            assert g is ws.Z[k] and not np.shares_memory(g, ws.A[k + 1])
+        elif k in elsewhere:
+            assert shared and not np.shares_memory(g, ws.A[k + 1])
+            assert not np.shares_memory(g, ws.Z[k]) and not np.shares_memory(g, ws.G[k + 1])
+        else:
+            assert not shared
+    # The ones columns of the folded products are never written.
+    loss = get_loss("bce") if sizes[-1] == 1 else get_loss("mse")
+    model._value_and_grad(np.zeros((ALIAS_ROWS, sizes[0])), np.ones((ALIAS_ROWS, sizes[-1])),
+                          loss, False)
+    for a, fan_in in zip(ws.Ain[1:], sizes[1:-1], strict=True):
+        np.testing.assert_array_equal(a[:, fan_in], 1.0)
+
+
+def test_short_batches_keep_gradients_of_their_own():
+    model = MLP([3, 6, 6, 1], activation="relu", seed=0)
+    # 240 values per layer, below FOLD_BLOCK_ELEMENTS: the rules are not blocked.
+    assert _shared_grads(model._workspace(ALIAS_ROWS)) == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid",
+                                        ("tanh", "relu", "relu")])
+@pytest.mark.parametrize(("output", "loss", "k"), [("sigmoid", "bce", 2),
+                                                   ("softmax", "cross_entropy", 3)])
+@pytest.mark.parametrize("batch_size", [None, 35])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])  # the packed working copy, or not
+def test_training_with_gradients_in_dead_buffers_equals_reference(
+        monkeypatch, long_batches, activation, output, loss, k, batch_size, bias, weight_decay):
+    import pipeline.trainer as trainer_module
+
+    used = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    sizes = [3, 5, 6, 5, 1 if k == 2 else k]
+    if not isinstance(activation, str):
+        activation = list(activation)
+    X, y = _data(n=ALIAS_ROWS, k=k)
+
+    def run(fast, diagnostics):
+        model = MLP(sizes, activation=activation, output=output, bias=bias, seed=3)
+        opt = make_optimizer("adam", lr=0.01, weight_decay=weight_decay)
+        history = fit(model, X, y, loss=loss, optimizer=opt, epochs=6, batch_size=batch_size,
+                      seed=7, fast=fast, diagnostics=diagnostics, eval_every=2,
+                      X_val=X[:10], y_val=y[:10])
+        return model, history
+
+    ref, h_ref = run(False, True)
+    for diagnostics in (False, True):
+        used.clear()
+        fast, h_fast = run(True, diagnostics)
+        if not diagnostics:  # the bound step programs ran
+            assert used and all(p == (bias and weight_decay == 0.0) for p in used)
+        assert _shared_grads(fast._workspaces[batch_size or ALIAS_ROWS]) > 0
+        np.testing.assert_allclose(fast.params, ref.params, rtol=1e-9, atol=1e-12)
+        for key in h_fast.metrics:
+            np.testing.assert_allclose(h_fast.metrics[key], h_ref.metrics[key], rtol=1e-7,
+                                       atol=1e-10, err_msg=key)
+        # Evaluation after training: the outputs of a fresh model with these parameters.
+        fresh = MLP(sizes, activation=activation, output=output, bias=bias, seed=0)
+        fresh.set_params(fast.params)
+        np.testing.assert_allclose(fast._forward_fast(X)[1][-1], fresh.forward(X),
+                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(fast.predict(X), fresh.predict(X))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_rule_in_place_equals_the_blocked_rule(dtype):
+    from pipeline.nn import _blocked_relu_in_place, _blocked_rule
+
+    rng = np.random.default_rng(0)
+    n, w = 30, 7
+    z = rng.normal(size=(n, w)).astype(dtype)
+    z[0] = [0.0, -0.0, np.nan, 1e-40, -1e-40, np.inf, -np.inf]
+    a = np.asfortranarray(np.maximum(z, 0))
+    g = np.asfortranarray(rng.normal(size=(n, 1)).astype(dtype))
+    wv = rng.normal(size=w).astype(dtype)
+    scratch = np.empty((n, 3), dtype=dtype, order="F")  # blocks of 3, 3 and 1
+    G = np.empty((n, w), dtype=dtype, order="F")
+    _blocked_rule(get_activation("relu").backward_to, a, a, G, scratch, (g, wv))()
+    _blocked_relu_in_place(a, scratch, (g, wv))()
+    # The straightforward rule (relu'(z) = z > 0: 0 at 0 and at NaN, like the comparison
+    # the blocked rule makes on long batches; on blocks this small it takes NaN as 1).
+    np.testing.assert_array_equal(a, np.where(z > 0, g * wv, 0.0).astype(dtype))
+    np.testing.assert_array_equal(a[~np.isnan(z)], G[~np.isnan(z)])
+
+
+@pytest.mark.parametrize("name", sorted(RULES_WITHOUT_Z))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rules_said_not_to_read_z_do_not(name, dtype):
+    # Their G is written over Z before the rule runs (_Workspace._grad_homes).
+    act = get_activation(name)
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(40, 5)) * 3).astype(dtype)
+    a = act.forward(z)
+    g = rng.normal(size=z.shape).astype(dtype)
+    expected = g.copy()
+    act.backward_to(z, a, expected, np.empty_like(z))
+    garbage = np.full_like(z, np.nan)
+    got = g.copy()
+    act.backward_to(garbage, a, got, np.empty_like(z))
+    np.testing.assert_array_equal(got, expected)
+    got = g.copy()
+    for op in act.backward_program(garbage, a, got, np.empty_like(z)):
+        op()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(act.backward(garbage, a, g), act.backward(z, a, g))

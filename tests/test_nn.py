@@ -359,7 +359,7 @@ def test_a_workspace_block_given_back_under_the_lock_waits_for_the_next_take():
 
 
 def test_a_large_workspace_block_is_reused_by_the_next_model_until_released():
-    # 100,000 rows of 256-unit layers need 413 MB of workspace: the block of a model
+    # 100,000 rows of 256-unit layers need 312 MB of workspace: the block of a model
     # that is gone must serve the next one (fresh memory costs ~2 ms/MB on a VM) and
     # release_spare_memory() must give it back.
     import gc
