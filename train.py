@@ -24,6 +24,11 @@ import threading
 from typing import Any, TextIO
 
 if __name__ == "__main__":
+    # No garbage collection while the imports build the heap (pipeline.heap); the run
+    # freezes it and turns collection back on when it starts training.
+    from pipeline import heap
+
+    heap.pause()
     # First of all: a single run's tracking service starts importing MLflow in its own
     # process while this one imports Hydra, composes the config and makes the data.
     from pipeline import tracking_service

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import heap
 from pipeline.config import dataset_kwargs, optimizer_kwargs, project_root, resolve_head, run_name
 from pipeline.data import Dataset, make_dataset
 from pipeline.nn import MLP
@@ -313,6 +314,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 boundary = _boundary_renderer(dataset)
                 before = boundary, boundary.render(predict_raw, f"{name}: before training")
 
+        heap.settle()  # everything the run imports is loaded by now (pipeline.heap)
         # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
         with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -576,17 +576,23 @@ def warm_worker() -> int:
     """Import what a job needs (numpy, scikit-learn, matplotlib, MLflow and its SQL store,
     MLflow's package map for the first model: about 3.5 s) in a joblib worker before the
     first job arrives; returns the worker's pid."""
-    import matplotlib
+    from pipeline import heap
 
-    matplotlib.use("Agg", force=False)
-    import pipeline.app  # noqa: F401
-    import pipeline.plots  # noqa: F401
-    from pipeline import tracking
-    from pipeline.data import make_dataset
+    heap.pause()  # no collection while the imports build the heap (pipeline.heap)
+    try:
+        import matplotlib
 
-    make_dataset("moons", n_samples=20)  # loads sklearn.datasets
-    tracking.warm_up()
-    tracking.warm_up_model_logging()
+        matplotlib.use("Agg", force=False)
+        import pipeline.app  # noqa: F401
+        import pipeline.plots  # noqa: F401
+        from pipeline import tracking
+        from pipeline.data import make_dataset
+
+        make_dataset("moons", n_samples=20)  # loads sklearn.datasets
+        tracking.warm_up()
+        tracking.warm_up_model_logging()
+    finally:
+        heap.settle()
     return os.getpid()
 
 

@@ -43,6 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from pipeline import heap
 from pipeline.stores import TrackingUnavailable, metric_rows
 
 log = logging.getLogger(__name__)
@@ -487,6 +488,11 @@ def _quietly(task) -> None:
         log.debug("tracking service: warm-up %s failed: %s", getattr(task, "__name__", task), e)
 
 
+def _warm_up_then_settle(task) -> None:
+    _quietly(task)
+    heap.settle()
+
+
 def serve(conn: Connection) -> None:
     """The child's loop: run each message in order until the parent closes the socket."""
     from pipeline import tracking
@@ -494,8 +500,9 @@ def serve(conn: Connection) -> None:
     tracking.warm_up()  # about 2 s of imports, while the parent composes and makes data
     # The model's first logging costs another 0.5 s, mostly Python reading package
     # metadata: in a thread, it fills the moments the loop waits on the parent or on disk.
-    threading.Thread(target=_quietly, args=(tracking.warm_up_model_logging,), daemon=True,
-                     name="warm-up-model-logging").start()
+    # Then the heap is settled (pipeline.heap: no collection while the imports ran).
+    threading.Thread(target=_warm_up_then_settle, args=(tracking.warm_up_model_logging,),
+                     daemon=True, name="warm-up-model-logging").start()
     service = _Service()
     while True:
         try:
@@ -527,6 +534,7 @@ def _main(argv: Sequence[str]) -> None:
     # parent decides how the run ends and tells us; we only stop when it is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    heap.pause()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     conn = Connection(int(argv[0]))
     try:
