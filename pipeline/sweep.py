@@ -53,6 +53,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import heap
+
 # pipeline.report (pandas, matplotlib) is imported only when a sweep needs it: Hydra builds
 # this callback for single runs too, which must fail fast on a bad config.
 
@@ -215,9 +217,22 @@ class MlflowSweepCallback(Callback):
         self.context = None
         in_workers = prewarm_joblib_workers(config) is not None
         trk = OmegaConf.select(config, "tracking")
-        if trk is None or trk.get("kind", "none") == "none":
-            log.info("sweep: tracking is off (tracking=none); no parent run")
-            return
+        tracked = trk is not None and trk.get("kind", "none") != "none"
+        try:
+            if tracked:
+                self._start_tracked(config, in_workers)
+            else:
+                log.info("sweep: tracking is off (tracking=none); no parent run")
+            if OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER:
+                # The jobs run in this process: import what they need before the heap is
+                # frozen, which the first job would otherwise do with collection on.
+                import_job_modules(tracked)
+        finally:
+            # train.py paused collection for the imports (pipeline.heap); a sweep that
+            # runs for hours must collect what its jobs leave behind.
+            heap.settle()
+
+    def _start_tracked(self, config: DictConfig, in_workers: bool) -> None:
         try:
             self.context = self._start_parent(config)
         except Exception as e:
@@ -576,24 +591,32 @@ def warm_worker() -> int:
     """Import what a job needs (numpy, scikit-learn, matplotlib, MLflow and its SQL store,
     MLflow's package map for the first model: about 3.5 s) in a joblib worker before the
     first job arrives; returns the worker's pid."""
-    from pipeline import heap
-
     heap.pause()  # no collection while the imports build the heap (pipeline.heap)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import pipeline.app  # noqa: F401
-        import pipeline.plots  # noqa: F401
+        import_job_modules(tracked=True)
         from pipeline import tracking
-        from pipeline.data import make_dataset
 
-        make_dataset("moons", n_samples=20)  # loads sklearn.datasets
-        tracking.warm_up()
         tracking.warm_up_model_logging()
     finally:
         heap.settle()
     return os.getpid()
+
+
+def import_job_modules(tracked: bool = True) -> None:
+    """Import what every job needs: scikit-learn's generators, matplotlib (Agg), the app
+    and its plots, and MLflow's SQL store when the jobs are tracked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import pipeline.app  # noqa: F401
+    import pipeline.plots  # noqa: F401
+    from pipeline.data import make_dataset
+
+    make_dataset("moons", n_samples=20)  # loads sklearn.datasets
+    if tracked:
+        from pipeline import tracking
+
+        tracking.warm_up()
 
 
 def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:

@@ -55,3 +55,20 @@ def test_a_run_settles_a_paused_heap(config, restore_gc):
     result = app.run(config("tracking=none", "trainer.epochs=3"), echo=False)
     assert result.status == "FINISHED" and result.history.epochs == [1, 2, 3]
     assert gc.isenabled() and not heap.paused() and gc.get_freeze_count() > frozen
+
+
+@pytest.mark.parametrize("launcher", ["basic", "other"])
+def test_a_sweep_settles_a_paused_heap_before_its_jobs(tmp_path, restore_gc, launcher):
+    # The launching process of a sweep (train.py -m) must collect again before the jobs:
+    # a long sweep would otherwise keep everything its jobs and Hydra leave behind.
+    from omegaconf import OmegaConf
+
+    from pipeline import sweep
+
+    target = sweep.BASIC_LAUNCHER if launcher == "basic" else "x.SubmititLauncher"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)},
+                                         "launcher": {"_target_": target}},
+                               "tracking": {"kind": "none"}})
+    heap.pause()
+    sweep.MlflowSweepCallback().on_multirun_start(config)
+    assert gc.isenabled() and not heap.paused()
