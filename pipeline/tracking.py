@@ -491,11 +491,16 @@ class RunTracker:
             )
             self.run_id = run.info.run_id
             self.experiment_id = run.info.experiment_id
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.active = True
+            self._last_flush = time.monotonic()
+            atexit.register(self._at_exit)
+            # The run exists from here on: if the store goes away now, the params are kept
+            # on disk with everything logged later (the run is not lost for a race).
+            self._submit({"op": "params", "params": dict(flat)})
         except Exception as e:
             if self.run_id is not None:
+                self.active = False
+                atexit.unregister(self._at_exit)
                 with contextlib.suppress(Exception):
                     self.client.set_terminated(self.run_id, "FAILED")
             raise TrackingUnavailable(
@@ -504,9 +509,6 @@ class RunTracker:
             ) from e
         finally:
             self.send_seconds += time.perf_counter() - started
-        self.active = True
-        self._last_flush = time.monotonic()
-        atexit.register(self._at_exit)
         return self.run_id
 
     @classmethod
@@ -710,6 +712,11 @@ class RunTracker:
                 self.client.log_artifacts(self.run_id, str(path), op.get("artifact_path"))
             else:
                 self.client.log_artifact(self.run_id, str(path), op.get("artifact_path"))
+        elif kind == "params":
+            items = [Param(k, v) for k, v in op["params"].items()]
+            for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(self.run_id,
+                                      params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
         elif kind == "tags":
             items = [RunTag(k, v) for k, v in op["tags"].items()]
             for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):

@@ -470,6 +470,38 @@ def test_start_on_a_dead_server_names_the_uri(monkeypatch, tmp_path):
         t.start("1", "r")
 
 
+def test_a_store_lost_right_after_the_run_is_created_keeps_its_params(
+        tracker, exp_id, uri, monkeypatch):
+    """The store goes away between creating the run and logging its params (a server
+    killed at that moment): the run exists, so it goes on offline and keeps the params
+    for the upload, instead of failing a run the store already shows."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    create_run = tracker.client.create_run
+
+    def create_then_lose_the_store(*args, **kwargs):
+        run = create_run(*args, **kwargs)
+        tracker.client = MlflowClient(f"http://127.0.0.1:{_free_port()}")  # gone
+        return run
+
+    monkeypatch.setattr(tracker.client, "create_run", create_then_lose_the_store)
+    run_id = tracker.start(exp_id, "params-kept", {"model": {"hidden_sizes": [16, 16]},
+                                                   "lr": 0.1})
+    spool = tracker.spool_dir
+    assert tracker.active and spool is not None and spool.name == run_id
+    params = {"model.hidden_sizes": "[16, 16]", "lr": "0.1"}
+    ops = json.loads((spool / "ops.json").read_text())
+    assert ops[0]["op"] == "params" and ops[0]["params"] == params
+    tracker(1, {"train/loss": 0.5})
+    assert tracker.end("FINISHED") == spool
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).data.params == {}
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert tracking.main(["upload", str(spool)]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == params
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [0.5]
+
+
 def test_spool_when_the_store_goes_away_then_upload(tracker, exp_id, uri, monkeypatch, caplog):
     """Mid-run the client is pointed at a real closed port (the store "went away")."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
