@@ -126,19 +126,8 @@ def test_folded_bias_workspace_equals_reference(fold_everything, activation, out
     X = rng.normal(size=(n, 4)) * 2
     y = rng.integers(0, max(units, 2), n)
     T = model.encode_targets(y)
-    L = get_loss(loss)
-    for _ in range(2):  # the second call reuses the packed buffers
-        v_fast = model._value_and_grad(X, T, L, True)
-        g_fast = model.grad.copy()
-        v_ref = model._value_and_grad_reference(X, T, L, True)
-        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
-        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
-        Zs, As = model._forward_fast(X)
-        Z_ref, A_ref = model._forward(X)
-        np.testing.assert_allclose(Zs[-1], Z_ref[-1], rtol=1e-12, atol=1e-14)
-        for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
-            np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
-        model.params[...] += 0.01 * model.grad
+    # Two steps: the second call reuses the packed buffers.
+    _assert_steps_equal_reference(model, X, T, get_loss(loss), steps=2, step_size=0.01)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -659,20 +648,9 @@ def test_gradients_in_dead_buffers_equal_the_reference(long_batches, activation,
     rng = np.random.default_rng(5)
     X = rng.normal(size=(ALIAS_ROWS, 4)) * 2
     T = model.encode_targets(rng.integers(0, model.n_classes, ALIAS_ROWS))
-    L = get_loss(loss)
-    for _ in range(3):  # steps on the same buffers, the parameters moving in between
-        v_fast = model._value_and_grad(X, T, L, True)
-        g_fast = model.grad.copy()
-        v_ref = model._value_and_grad_reference(X, T, L, True)
-        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
-        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
-        # A forward pass after a step gives every layer's values back.
-        Zs, As = model._forward_fast(X)
-        Z_ref, A_ref = model._forward(X)
-        np.testing.assert_allclose(Zs[-1], Z_ref[-1], rtol=1e-12, atol=1e-14)
-        for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
-            np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
-        model.params[...] -= 0.05 * model.grad
+    # Steps on the same buffers, the parameters moving in between; a forward pass after
+    # a step gives every layer's values back.
+    _assert_steps_equal_reference(model, X, T, get_loss(loss), steps=3, step_size=-0.05)
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "identity"])
@@ -833,3 +811,21 @@ def test_rules_said_not_to_read_z_do_not(name, dtype):
         op()
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(act.backward(garbage, a, g), act.backward(z, a, g))
+
+
+def _assert_steps_equal_reference(model, X, T, L, *, steps: int, step_size: float) -> None:
+    """Fast vs reference loss and gradient for ``steps`` steps (the parameters moved by
+    ``step_size`` times the gradient after each), and the fast forward pass vs the
+    reference one after each step."""
+    for _ in range(steps):
+        v_fast = model._value_and_grad(X, T, L, True)
+        g_fast = model.grad.copy()
+        v_ref = model._value_and_grad_reference(X, T, L, True)
+        np.testing.assert_allclose(v_fast, v_ref, rtol=1e-12)
+        np.testing.assert_allclose(g_fast, model.grad, rtol=1e-9, atol=1e-13)
+        Zs, As = model._forward_fast(X)
+        Z_ref, A_ref = model._forward(X)
+        np.testing.assert_allclose(Zs[-1], Z_ref[-1], rtol=1e-12, atol=1e-14)
+        for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
+            np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
+        model.params[...] += step_size * model.grad
