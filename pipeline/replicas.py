@@ -58,8 +58,8 @@ from pipeline.trainer import (
     SATURATION_THRESHOLD,
     Callback,
     DivergenceError,
+    EarlyStopping,
     History,
-    StopTraining,
     _all_finite,
     _logit_loss,
     _positive_int,
@@ -67,6 +67,7 @@ from pipeline.trainer import (
     _ShuffledViews,
     blas_threads,
     prepare_inputs,
+    run_callbacks,
     run_epoch_steps,
 )
 
@@ -818,7 +819,7 @@ def fit_replicas(
     optimizer.bind(model.params.size, model.n_weight_params, model.dtype)
     rng = np.random.default_rng(seed)
     history = ReplicaHistory(replicas=[History() for _ in range(K)])
-    best_loss, best_params, stale = np.inf, None, 0
+    early = EarlyStopping(patience, restore_best)
     n_batches = -(-n // batch)
     previous = np.empty_like(model.params) if diagnostics else None
     # The batches are views of shuffled copies of [X, 1], which the products read.
@@ -886,21 +887,8 @@ def fit_replicas(
                     summary[f"{key}/std"] = float(np.std(values))
                 history.append(epoch, summary)
 
-                stop = False
-                if has_val:
-                    if summary["test/loss"] < best_loss:
-                        best_loss, stale = summary["test/loss"], 0
-                        history.best_epoch = epoch
-                        if patience is not None and restore_best:
-                            best_params = params.copy()
-                    else:
-                        stale += 1
-                        stop = patience is not None and stale >= patience
-                for callback in callbacks:
-                    try:
-                        callback(epoch, summary)
-                    except StopTraining:
-                        stop = True
+                stop = has_val and early.update(epoch, summary["test/loss"], params, history)
+                stop = run_callbacks(callbacks, epoch, summary) or stop
                 if stop and epoch < epochs:
                     history.stopped_early = True
                     break
@@ -908,8 +896,8 @@ def fit_replicas(
             if bound is not None:
                 bound.sync()  # params, grad and the optimiser's state back in order
 
-    if best_params is not None:
-        params[...] = best_params
+    if early.best_params is not None:
+        params[...] = early.best_params
     return history
 
 

@@ -329,7 +329,7 @@ def fit(
     optimizer.bind(model.n_params, model.n_weight_params, model.dtype)
     rng = np.random.default_rng(seed)
     history = History()
-    best_loss, best_params, stale = np.inf, None, 0
+    early = EarlyStopping(patience, restore_best)
     n_batches = -(-n // batch)
     previous = np.empty_like(model.params) if diagnostics else None
     if fast:
@@ -415,22 +415,10 @@ def fit(
                 history.append(epoch, metrics)
                 history.eval_seconds += time.perf_counter() - eval_started
 
-                stop = False
-                if has_val:
-                    if metrics["test/loss"] < best_loss:
-                        best_loss, stale = metrics["test/loss"], 0
-                        history.best_epoch = epoch
-                        if patience is not None and restore_best:
-                            best_params = model.params.copy()
-                    else:
-                        stale += 1
-                        stop = patience is not None and stale >= patience
+                stop = has_val and early.update(epoch, metrics["test/loss"], model.params,
+                                                history)
                 callbacks_started = time.perf_counter()
-                for callback in callbacks:
-                    try:
-                        callback(epoch, metrics)
-                    except StopTraining:
-                        stop = True
+                stop = run_callbacks(callbacks, epoch, metrics) or stop
                 history.callback_seconds += time.perf_counter() - callbacks_started
                 if stop and epoch < epochs:
                     history.stopped_early = True
@@ -439,9 +427,44 @@ def fit(
             if bound is not None:
                 bound.sync()  # params, grad and the optimiser's state back in order
 
-    if best_params is not None:
-        model.set_params(best_params)
+    if early.best_params is not None:
+        model.set_params(early.best_params)
     return history
+
+
+class EarlyStopping:
+    """The best validation loss so far, the evaluations since it last improved and, when
+    training is to end on the best epoch's parameters, a copy of them (for :func:`fit`
+    and the replica trainer)."""
+
+    def __init__(self, patience: int | None, restore_best: bool) -> None:
+        self.patience = patience
+        self.keep_best = patience is not None and restore_best
+        self.best_loss, self.stale = np.inf, 0
+        self.best_params: Array | None = None
+
+    def update(self, epoch: int, loss: float, params: Array, history: History) -> bool:
+        """Record this evaluation's ``loss``; True when patience has run out."""
+        if loss < self.best_loss:
+            self.best_loss, self.stale = loss, 0
+            history.best_epoch = epoch
+            if self.keep_best:
+                self.best_params = params.copy()
+            return False
+        self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+
+def run_callbacks(callbacks: Iterable[Callback], epoch: int, metrics: dict) -> bool:
+    """Call every callback (all of them, even after one asked to stop); True when one
+    raised :class:`StopTraining`."""
+    stop = False
+    for callback in callbacks:
+        try:
+            callback(epoch, metrics)
+        except StopTraining:
+            stop = True
+    return stop
 
 
 def _logit_loss(loss: Loss) -> bool:
