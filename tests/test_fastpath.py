@@ -531,16 +531,7 @@ def _recorded_run(fast: bool, fail_at: int | None = None, **opt_kwargs):
 
 @pytest.mark.parametrize("fail_at", [None, 6])
 def test_packed_working_copy_is_invisible_outside_the_steps(monkeypatch, fail_at):
-    import pipeline.trainer as trainer_module
-
-    used = []
-    original = trainer_module._BoundSteps.epoch
-
-    def epoch(self):
-        used.append(self.packed)
-        return original(self)
-
-    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    used = _record_packed_epochs(monkeypatch)
     fast, opt_fast, seen_fast = _recorded_run(True, fail_at)
     assert used and all(used)  # every epoch ran on the packed copy
     ref, opt_ref, seen_ref = _recorded_run(False, fail_at)
@@ -559,16 +550,7 @@ def test_packed_working_copy_is_invisible_outside_the_steps(monkeypatch, fail_at
 
 
 def test_penalties_keep_the_model_order(monkeypatch):
-    import pipeline.trainer as trainer_module
-
-    used = []
-    original = trainer_module._BoundSteps.epoch
-
-    def epoch(self):
-        used.append(self.packed)
-        return original(self)
-
-    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    used = _record_packed_epochs(monkeypatch)
     fast, _, _ = _recorded_run(True, weight_decay=0.01)
     assert used and not any(used)  # the decay needs the weights first
     ref, _, _ = _recorded_run(False, weight_decay=0.01)
@@ -728,16 +710,7 @@ def test_short_batches_keep_gradients_of_their_own():
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])  # the packed working copy, or not
 def test_training_with_gradients_in_dead_buffers_equals_reference(
         monkeypatch, long_batches, activation, output, loss, k, batch_size, bias, weight_decay):
-    import pipeline.trainer as trainer_module
-
-    used = []
-    original = trainer_module._BoundSteps.epoch
-
-    def epoch(self):
-        used.append(self.packed)
-        return original(self)
-
-    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    used = _record_packed_epochs(monkeypatch)
     sizes = [3, 5, 6, 5, 1 if k == 2 else k]
     if not isinstance(activation, str):
         activation = list(activation)
@@ -829,3 +802,18 @@ def _assert_steps_equal_reference(model, X, T, L, *, steps: int, step_size: floa
         for a, a_ref in zip(As[1:], A_ref[1:], strict=True):
             np.testing.assert_allclose(a, a_ref, rtol=1e-12, atol=1e-14)
         model.params[...] += step_size * model.grad
+
+
+def _record_packed_epochs(monkeypatch) -> list[bool]:
+    """A list that gets, for each fast-path epoch, whether it ran on the packed copy."""
+    import pipeline.trainer as trainer_module
+
+    used: list[bool] = []
+    original = trainer_module._BoundSteps.epoch
+
+    def epoch(self):
+        used.append(self.packed)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module._BoundSteps, "epoch", epoch)
+    return used
