@@ -1770,6 +1770,19 @@ def plot_replica_boundary(
     return fig
 
 
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as a PNG file's bytes, encoded like :func:`save_figure` writes it (the
+    same pixels as ``savefig``, zlib level 1), for a picture written to several places."""
+    import io
+
+    buffer = io.BytesIO()
+    if isinstance(fig.canvas, FigureCanvasAgg):
+        _figure_image(fig, dpi).save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    else:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write a figure to ``path`` (format from the suffix) and release it.
 

@@ -106,6 +106,7 @@ class SweepReport:
     best_mode: str = DEFAULT_BEST[1]
     notes: list[str] = field(default_factory=list)
     grids: dict[str, pd.DataFrame] = field(default_factory=dict)
+    _pngs: dict[tuple[str, int], bytes] = field(default_factory=dict, repr=False)
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -125,6 +126,16 @@ class SweepReport:
         out.update(self.figures)
         return out
 
+    def png(self, name: str, dpi: int = 100) -> bytes:
+        """Figure ``name`` as PNG bytes. Drawn once: a sweep writes its report to MLflow
+        and next to Hydra's outputs, and drawing is most of what a report costs."""
+        key = (name, dpi)
+        if key not in self._pngs:
+            from pipeline.plots import png_bytes
+
+            self._pngs[key] = png_bytes(self.figures[name], dpi=dpi)
+        return self._pngs[key]
+
     def save(self, directory: str | os.PathLike, dpi: int = 100) -> list[Path]:
         """Write the table (CSV) and the figures (PNG) into ``directory``."""
         directory = Path(directory)
@@ -135,7 +146,7 @@ class SweepReport:
             if isinstance(content, pd.DataFrame):
                 content.to_csv(path, index=name != "summary.csv")
             else:
-                content.savefig(path, dpi=dpi)
+                path.write_bytes(self.png(name, dpi))
             written.append(path)
         return written
 
@@ -706,7 +717,7 @@ def log_report(uri: str, parent_run_id: str, report: SweepReport, tracker: Any =
         if isinstance(content, pd.DataFrame):
             tracker.log_text(content.to_csv(index=name != "summary.csv"), artifact)
         else:
-            tracker.log_figure(content, artifact)
+            tracker.log_bytes(report.png(name), artifact)
     tags = {"sweep.n_jobs": len(report.table), "sweep.n_failed": len(report.failed)}
     best = report.best
     if best is not None:

@@ -8,6 +8,7 @@ file where pipeline.app logs the model), so these tests need no training and no 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,6 +185,35 @@ def test_build_report_from_mlflow_alone(tmp_path, new_store):
                                          "boundaries.png"}
     assert len(rep.failed) == 1
     assert "loss became inf" in rep.text()
+
+
+def test_report_figures_are_drawn_once_for_mlflow_and_the_folder(tmp_path, new_store,
+                                                                  monkeypatch):
+    """A sweep writes its report to MLflow and next to Hydra's outputs: each figure is
+    drawn once, and both places get the same PNG."""
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+    uri = new_store(tmp_path / "store")
+    experiment, parent = _fill_store(uri, tmp_path)
+    rep = report.build_report(uri, experiment, parent)
+    draws: dict[int, int] = {}
+    draw = Figure.draw
+
+    def counted(fig, renderer):
+        draws[id(fig)] = draws.get(id(fig), 0) + 1
+        return draw(fig, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counted)
+    report.log_report(uri, parent, rep)
+    rep.save(tmp_path / "out")
+    assert sorted(draws) == sorted(id(fig) for fig in rep.figures.values())
+    assert set(draws.values()) == {1}
+    logged = MlflowClient(uri).download_artifacts(parent, "sweep", str(tmp_path / "logged"))
+    for name in rep.figures:
+        png = (tmp_path / "out" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (Path(logged) / name).read_bytes() == png
 
 
 def test_report_cli_writes_and_logs_the_files(tmp_path, new_store, capsys):
