@@ -84,12 +84,22 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     _single_run = HydraConfig.get().mode.name == "RUN"
+    sweep = None if _single_run else sys.modules.get("pipeline.sweep")
+    if sweep is not None and sweep.launcher_interrupted():
+        return None  # Ctrl-C reached the sweep: start no other job
     validate(cfg)
     # Imported lazily: a bad config fails fast without loading numpy/MLflow, and config
     # errors are reported even if the app cannot be imported.
     from pipeline.app import main as app_main
 
-    return app_main(cfg)
+    try:
+        return app_main(cfg)
+    except KeyboardInterrupt:
+        if sweep is not None and sweep.launcher_interrupted():
+            # The run is ended KILLED; the launching process, which passed the signal on,
+            # ends the sweep once every running job has ended its run.
+            return None
+        raise
 
 
 class _HoldJobErrorLine:
@@ -167,7 +177,11 @@ def cli(argv: list[str] | None = None) -> int:
         if user_wants_traceback:
             raise
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"interrupted by {exc or 'SIGINT (Ctrl-C)'}; exiting", file=stderr)
+        name = str(exc) or "SIGINT (Ctrl-C)"
+        sweep = sys.modules.get("pipeline.sweep")
+        if sweep is not None:  # a sweep launched here: end its runs still RUNNING
+            sweep.interrupted(name)
+        print(f"interrupted by {name}; exiting", file=stderr)
         return 128 + int(signum)
     except Exception as exc:
         err = as_config_error(exc, argv)

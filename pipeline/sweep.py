@@ -37,6 +37,7 @@ Only this module, ``train.py`` and ``pipeline.app`` import Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -201,21 +202,28 @@ class MlflowSweepCallback(Callback):
         self._parent = None  # RunTracker of the parent: launching process only
         self._started = 0.0
         self._sweep_dir: str | None = None
+        self._guard: _InterruptGuard | None = None  # launching process, joblib only
 
     def __getstate__(self) -> dict[str, Any]:
         # Launchers pickle the callback to their workers: the context goes, the parent's
         # tracker (a client and an exit hook) stays in the launching process.
         state = dict(self.__dict__)
         state["_parent"] = None
+        state["_guard"] = None
         return state
 
     # ------------------------------------------------------------------ multirun
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _launching
+        _launching = self
         self._started = time.perf_counter()
         self._sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
         self.context = None
+        with contextlib.suppress(OSError):  # left by an interrupted sweep in the same folder
+            Path(self._sweep_dir, INTERRUPTED_MARK).unlink(missing_ok=True)
         in_workers = prewarm_joblib_workers(config) is not None
+        self._guard = _InterruptGuard.install(self._sweep_dir) if in_workers else None
         trk = OmegaConf.select(config, "tracking")
         tracked = trk is not None and trk.get("kind", "none") != "none"
         try:
@@ -289,6 +297,10 @@ class MlflowSweepCallback(Callback):
                             sweep_dir=self._sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _launching
+        _launching = None
+        if self._guard is not None:
+            self._guard.restore()
         seconds = time.perf_counter() - self._started
         # Every job is done: let joblib's workers exit (each tears its interpreter down,
         # about a second with MLflow loaded) while this process builds the report.
@@ -364,6 +376,8 @@ class MlflowSweepCallback(Callback):
     # ------------------------------------------------------------------------ jobs
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _job_sweep_dir
+        _job_sweep_dir = self._sweep_dir
         _set_current(self.context)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -462,9 +476,11 @@ def _record_failure(ctx: SweepContext, config: DictConfig, num: Any, overrides: 
     return child.run_id
 
 
-def _close_orphans(ctx: SweepContext) -> None:
+def _close_orphans(ctx: SweepContext,
+                   reason: str = "the job ended without ending its run (worker killed?)"
+                   ) -> int:
     """Children still RUNNING once every job has returned were abandoned (a worker killed
-    hard): end them KILLED so that nothing stays RUNNING forever."""
+    hard): end them KILLED so that nothing stays RUNNING forever. Returns how many."""
     from pipeline import report as rep
     from pipeline import tracking
 
@@ -473,7 +489,39 @@ def _close_orphans(ctx: SweepContext) -> None:
                                 "and attributes.status = 'RUNNING'")
     for run_id in runs.get("run_id", []):
         child = tracking.RunTracker.attach(ctx.tracking_uri, str(run_id))
-        child.end("KILLED", "the job ended without ending its run (worker killed?)")
+        child.end("KILLED", reason)
+    return len(runs)
+
+
+#: The callback of the sweep this process launches, while it runs (for :func:`interrupted`).
+_launching: MlflowSweepCallback | None = None
+
+
+def interrupted(signal_name: str) -> None:
+    """End the sweep this process launches after Ctrl-C or SIGTERM stopped it.
+
+    Hydra calls no callback then. Jobs in this process (the basic launcher) have ended
+    their own runs KILLED already; joblib kills its workers as soon as the interrupt
+    reaches it, so the runs they were training are ended KILLED here, with what they had
+    sent. Then the parent. Never raises: the process is on its way out.
+    """
+    global _launching
+    callback, _launching = _launching, None
+    if callback is not None and callback._guard is not None:
+        callback._guard.restore()
+    if callback is None or callback.context is None:
+        return
+    reason = f"the sweep was interrupted ({signal_name}) while the job ran"
+    try:
+        _close_orphans(callback.context, reason)
+    except Exception as e:
+        log.warning("sweep: could not end the interrupted jobs' runs: %s", e)
+    parent = callback._parent
+    if parent is not None and parent.active:
+        try:
+            parent.end("KILLED", f"interrupted ({signal_name})")
+        except Exception as e:
+            log.warning("sweep: could not end the parent run: %s", e)
 
 
 def _failed_children(ctx: SweepContext) -> tuple[list[tuple[str, str]], int]:
@@ -619,6 +667,143 @@ def import_job_modules(tracked: bool = True) -> None:
         tracking.warm_up()
 
 
+#: File in the sweep directory that tells workers not to start another job.
+INTERRUPTED_MARK = ".interrupted"
+#: The sweep directory of the job running in this process (set by ``on_job_start``).
+_job_sweep_dir: str | None = None
+
+
+def launcher_interrupted() -> bool:
+    """In a sweep's job: whether the launching process was interrupted and is waiting for
+    the running jobs to end their runs (:class:`_InterruptGuard`). Such a job returns
+    quietly instead of raising: joblib kills every worker as soon as one job raises,
+    including those still ending their runs."""
+    return bool(_job_sweep_dir) and os.path.exists(
+        os.path.join(str(_job_sweep_dir), INTERRUPTED_MARK))
+
+
+class _InterruptGuard:
+    """Ctrl-C and SIGTERM in the process that launches a joblib sweep.
+
+    Left alone, the interrupt reaches joblib, which kills its workers on the spot: the
+    runs they train lose every metric not sent yet (up to ``flush_every_s`` of them) and
+    stay RUNNING until :func:`interrupted` ends them. Instead the first signal marks the
+    sweep interrupted (no worker starts another job), passes the signal on to workers
+    that did not get it (those forked from our fork server lead their own process group,
+    out of the terminal's reach), and waits up to ``grace_s`` for the jobs' runs to end
+    the way an interrupted run ends (KILLED, with its metrics and plots); then it raises
+    :class:`pipeline.app.Interrupted` and joblib stops the rest. A second signal raises
+    at once (and reaches the workers, which then stop at once too).
+    """
+
+    def __init__(self, sweep_dir: str | None, grace_s: float = 15.0) -> None:
+        self.sweep_dir = sweep_dir
+        self.grace_s = grace_s
+        self.signalled = False
+        self._previous: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls, sweep_dir: str | None) -> _InterruptGuard | None:
+        """Handle SIGINT and SIGTERM from now on (POSIX, main thread; else None)."""
+        import signal
+
+        if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+            return None
+        guard = cls(sweep_dir)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            guard._previous[signum] = signal.signal(signum, guard._handle)
+        return guard
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        import signal
+
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        from pipeline.app import Interrupted
+
+        if self.signalled:
+            self._forward(signum)
+            raise Interrupted(signum)
+        self.signalled = True
+        if self.sweep_dir:
+            try:
+                Path(self.sweep_dir, INTERRUPTED_MARK).touch()
+            except OSError:
+                pass
+        self._forward(signum)
+        context = _launching.context if _launching is not None else None
+        if context is not None:
+            print("interrupted: waiting for the running jobs to end their runs "
+                  "(again to stop at once)", file=sys.stderr, flush=True)
+            self._wait_for_jobs(context)
+        raise Interrupted(signum)
+
+    def _forward(self, signum: int) -> None:
+        own_group = os.getpgrp()
+        for pid in joblib_worker_pids():
+            try:
+                if os.getpgid(pid) != own_group:  # else the terminal reached it already
+                    os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _wait_for_jobs(self, context: SweepContext) -> None:
+        from pipeline import report as rep
+        from pipeline import tracking
+
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline:
+            try:
+                running = tracking.search_runs(
+                    context.tracking_uri, [context.experiment_id],
+                    f"tags.{rep.PARENT_TAG} = '{context.parent_run_id}' "
+                    "and attributes.status = 'RUNNING'")
+            except Exception:  # the store is gone: nothing to wait for
+                return
+            if running.empty:
+                return
+            time.sleep(0.2)
+
+
+def joblib_worker_pids() -> list[int]:
+    """The pids of the worker processes of this process's reusable loky executor."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    processes = getattr(executor, "_processes", None) or {}
+    return [int(pid) for pid in list(processes)]
+
+
+def _fork_workers_from_a_warm_server() -> bool:
+    """Have loky start this process's workers from a fork server that imported what jobs
+    need once (:mod:`pipeline.worker_preload`), rather than as fresh interpreters that
+    each import it all (about 2.5 s of CPU per worker, which on two cores is as much
+    CPU as two default jobs, spent while this process starts the sweep).
+
+    Only where loky offers ``forkserver`` (POSIX) and only when nothing chose loky's start
+    method before (a user's ``set_start_method`` is left alone). Returns whether the fork
+    server is in use. The server ignores Ctrl-C (it is multiprocessing's own) and exits
+    when this process does.
+    """
+    try:
+        import multiprocessing
+
+        from joblib.externals.loky.backend import context as loky_context
+    except ImportError:
+        return False
+    if loky_context.get_start_method() is not None:
+        return loky_context.get_start_method() == "forkserver"
+    if "forkserver" not in loky_context.START_METHODS:
+        return False
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["pipeline.worker_preload"])
+    loky_context.set_start_method("forkserver")
+    return True
+
+
 def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:
     """Start the joblib launcher's worker processes now, warming them with the imports
     every job needs, while this process creates the sweep's parent run.
@@ -644,6 +829,7 @@ def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:
     process_joblib_cfg(settings)
     settings["verbose"] = 0
     n_workers = effective_n_jobs(settings.get("n_jobs"))
+    _fork_workers_from_a_warm_server()
 
     def warm() -> None:
         try:

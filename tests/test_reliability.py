@@ -125,11 +125,28 @@ def _finish(proc: subprocess.Popen, work: Path, timeout: float = TRAIN_TIMEOUT_S
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process this module started (and its children: it leads its own session)."""
+    """Stop a process this module started (and its children: it leads its own session,
+    and a joblib sweep's fork server and workers lead their own group in it)."""
     if proc.poll() is None:
         with _suppress_lookup():
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    for pid in _session_pids(proc.pid):
+        with _suppress_lookup():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _session_pids(session: int) -> list[int]:
+    """Live (not zombie) processes of a session, from /proc (Linux; [] elsewhere)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 class _suppress_lookup:
@@ -508,6 +525,57 @@ def test_ctrl_c_in_a_sweep_leaves_finished_jobs_finished_and_none_running(tmp_pa
     assert parent.info.status == "KILLED"
     assert _steps(_client(uri), [r for r in runs if r.data.tags.get("sweep.job") == "0"][0]
                   .info.run_id, "train/loss") == list(range(1, 61))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c-in-a-terminal", "sigterm-to-the-launcher"])
+def test_interrupted_joblib_sweep_lets_running_jobs_end_their_runs(tmp_path, new_store, signum,
+                                                                  to_group):
+    """Ctrl-C in a terminal (the whole foreground group) or SIGTERM to the launching
+    process alone: the jobs running in joblib's workers end their runs KILLED themselves,
+    with the metrics they had not sent yet; no queued job starts; the parent ends KILLED;
+    no process is left."""
+    uri = new_store(tmp_path / "store")
+    env = {**_env_without_uri(), "MLFLOW_TRACKING_URI": uri}
+    proc = _popen_train(tmp_path / "sweep", "-m", "optimizer.lr=0.01,0.02,0.03,0.04",
+                        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        "dataset.n_samples=4000", "trainer.batch_size=1", "trainer.epochs=60",
+                        "tracking.log_model=false", "tracking.animation=false", env=env)
+    try:
+        def two_jobs_training():
+            runs = [r for r in _all_runs(uri) if "mlflow.parentRunId" in r.data.tags]
+            client = _client(uri)
+            return len(runs) == 2 and all(
+                r.info.status == "RUNNING" and client.get_run(r.info.run_id).data.params
+                for r in runs)
+
+        _wait_for(two_jobs_training, 180, "two jobs training", proc)
+        time.sleep(1.5)  # some epochs in, none sent yet (runs send every 30 s)
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        returncode, stdout, stderr = _finish(proc, tmp_path / "sweep", timeout=120)
+        _wait_for(lambda: not _session_pids(proc.pid), 10, "the sweep's processes to exit")
+    finally:
+        _stop(proc)
+    assert returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr
+    name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM"
+    assert stderr.strip().splitlines()[-1] == f"interrupted by {name}; exiting"
+    runs = _all_runs(uri)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "KILLED"
+    assert len(children) == 2, [r.info.run_name for r in children]  # no queued job started
+    for child in children:
+        assert child.info.status == "KILLED"
+        # Ended by the job itself (not closed as an orphan by the launching process).
+        assert child.data.tags["failure_reason"] == f"interrupted by {name}"
+        steps = _steps(_client(uri), child.info.run_id, "train/loss")
+        assert steps and steps == list(range(1, len(steps) + 1)), steps
 
 
 # ------------------------------------------------------------------- concurrent writers
