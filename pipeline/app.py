@@ -32,7 +32,7 @@ from pipeline.nn import MLP
 from pipeline.optim import make_optimizer
 from pipeline.progress import ProgressBar, want_progress
 from pipeline.replicas import fit_replicas, replicas_from_config
-from pipeline.trainer import DivergenceError, History, fit
+from pipeline.trainer import DivergenceError, History, blas_threads, fit
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,11 @@ def run(
     if startup_seconds is not None:
         timer.seconds["startup"] = startup_seconds
     tcfg, trk = config["trainer"], config["tracking"]
-    with _sigterm_as_interrupt():
+    # In a parallel sweep every job keeps to one BLAS thread throughout (its evaluation
+    # and pictures too, not only training): the other cores run the other jobs. Workers
+    # forked from a warm fork server inherit its BLAS thread count, not the limit that
+    # joblib sets in the environment of the workers it spawns.
+    with _sigterm_as_interrupt(), blas_threads(1 if parallel else None):
         try:
             return _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id,
                         experiment_id, tags, parallel, echo)

@@ -46,6 +46,28 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 # ------------------------------------------------------------------------------ results
 
 
+def test_a_parallel_sweeps_job_keeps_to_one_blas_thread_throughout(config, monkeypatch):
+    """Not only its training: the data, evaluation and pictures of a job in a parallel
+    sweep use one BLAS thread (the other cores run other jobs); the setting is restored
+    after the run, and a job outside a parallel sweep keeps what it had."""
+    from pipeline.trainer import blas_threads, current_blas_threads
+
+    seen: list[int | None] = []
+    make = app.make_dataset
+
+    def recording(*args, **kwargs):
+        seen.append(current_blas_threads())
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(app, "make_dataset", recording)
+    with blas_threads(2):
+        before = current_blas_threads()
+        app.run(config("tracking=none", "trainer.epochs=2"), echo=False, parallel=True)
+        assert current_blas_threads() == before
+        app.run(config("tracking=none", "trainer.epochs=2"), echo=False)
+    assert seen == [1, before], seen
+
+
 def test_run_without_tracking_returns_a_complete_result(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/must-not-exist.db")
