@@ -349,8 +349,25 @@ class MLP:
         return Zs, As
 
     def forward(self, X: Array) -> Array:
-        """Network output after the output activation, shape ``(n, n_outputs)``."""
-        return self.forward_layers(X)[1][-1]
+        """Network output after the output activation, shape ``(n, n_outputs)``.
+
+        Long inputs go through in blocks of rows whose widest layer holds about
+        :data:`FORWARD_BLOCK_BYTES`: memory stays bounded whatever ``n`` (a 1000 x 1000
+        grid through 256-unit layers would otherwise hold gigabytes of layer values), and
+        blocks that fit in the cache run 1.7-2.4x faster than one pass over 100,000 rows.
+        The outputs equal one pass's up to BLAS rounding (bit for bit where measured).
+        """
+        X = self.check_input(X)
+        n = X.shape[0]
+        rows = max(1, FORWARD_BLOCK_BYTES // (max(self.sizes) * self.dtype.itemsize))
+        if n <= rows:
+            return self._forward(X)[1][-1]
+        # Blocks of nearly equal length: no short last block taking another BLAS path.
+        bounds = np.linspace(0, n, -(-n // rows) + 1).astype(np.intp)
+        out = np.empty((n, self.n_outputs), dtype=self.dtype)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            out[start:stop] = self._forward(X[start:stop])[1][-1]
+        return out
 
     def predict_proba(self, X: Array) -> Array:
         """Class probabilities, shape ``(n, n_classes)`` (``[1 - p, p]`` for one unit)."""
@@ -796,6 +813,13 @@ FOLD_MIN_ELEMENTS = 0
 
 
 FOLD_BLOCK_ELEMENTS = 2**18
+
+# MLP.forward's block of rows: about this many bytes of the widest layer's values. Measured
+# on the 2-core machine (L2 2 MB per core), float32, per call, medians of 5: [2,256,256,1]
+# on 100,000 rows 174 ms in one pass, 102 ms in blocks of 1 MB, 289 ms of 2 MB, 239 ms of
+# 4 MB; [2,64,64,4] on 200,000 rows 117 / 48 / 134 / 103 ms; [2,16,16,1] on 40,000 rows
+# 5.9 / 3.1 / 4.4 / 6.0 ms.
+FORWARD_BLOCK_BYTES = 1 << 20
 
 # Hidden activations whose backward rule reads only the output ``a``, never ``z`` (tanh:
 # 1 - a^2, sigmoid: a (1 - a)): on long batches their G is written over their own Z

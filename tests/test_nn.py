@@ -100,6 +100,43 @@ def test_forward_layers(model, data):
 # ------------------------------------------------------------------------ predict
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 1000])
+def test_forward_in_blocks_covers_every_row_in_order(monkeypatch, n):
+    """Long inputs go through forward in blocks of rows (here forced down to 8 rows of
+    the widest layer): every row's output is the one-pass output of that row."""
+    import pipeline.nn as nn
+
+    model = MLP([3, 16, 5, 4], activation=["tanh", "relu"], output="softmax", seed=1,
+                dtype=np.float64)
+    X = np.random.default_rng(n).standard_normal((n, 3))
+    whole = model._forward(model.check_input(X))[1][-1]
+    monkeypatch.setattr(nn, "FORWARD_BLOCK_BYTES", 8 * 16 * 8)  # 8 rows of 16 float64
+    blocked = model.forward(X)
+    assert blocked.shape == (n, 4) and blocked.dtype == np.float64
+    np.testing.assert_allclose(blocked, whole, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(model.predict_proba(X).sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_forward_memory_stays_bounded_on_long_inputs():
+    """60,000 rows through two 256-unit layers: one pass would hold about 250 MB of layer
+    values at once; in blocks the peak is the output and a few MB."""
+    import tracemalloc
+
+    model = MLP([2, 256, 256, 1], activation="relu", output="sigmoid", seed=0,
+                dtype=np.float32)
+    X = np.random.default_rng(0).standard_normal((60_000, 2)).astype(np.float32)
+    reference = model._forward(X[:5000])[1][-1]
+    tracemalloc.start()
+    try:
+        out = model.forward(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (60_000, 1)
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB"
+    np.testing.assert_allclose(out[:5000], reference, rtol=1e-6, atol=1e-7)
+
+
 def test_predict_proba_softmax(model, data):
     X, _ = data
     proba = model.predict_proba(X)
