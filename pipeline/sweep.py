@@ -833,11 +833,15 @@ def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:
 
     def warm() -> None:
         try:
-            thread.pids = Parallel(**settings)(delayed(warm_worker)() for _ in range(n_workers))
+            warmed = Parallel(**settings)(delayed(warm_worker)() for _ in range(n_workers))
         except Exception as e:  # a failed warm-up only costs the time it would have saved
             log.debug("sweep: joblib warm-up failed: %s", e)
+            return
+        # Workers forked warm finish the task at once, so one of them may run all of
+        # them: the executor's own list says which workers exist (loky starts them all).
+        thread.pids = sorted(set(joblib_worker_pids()) | set(warmed))
 
     thread = threading.Thread(target=warm, name="joblib-warm-up", daemon=True)
-    thread.pids = []  # the warmed workers' pids, once the warm-up is done
+    thread.pids = []  # the workers' pids, once the warm-up is done
     thread.start()
     return thread

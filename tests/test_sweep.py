@@ -339,6 +339,7 @@ def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in(mon
     assert thread is not None
     thread.join(120)
     assert not thread.is_alive() and len(thread.pids) == 2, thread.pids
+    assert set(sweep.joblib_worker_pids()) == set(thread.pids)
     # Forked from one warm fork server (not this process), in the server's own process
     # group: a terminal's Ctrl-C reaches the launching process alone.
     assert loky_context.get_start_method() == "forkserver"
@@ -346,7 +347,6 @@ def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in(mon
         servers = {_parent_pid(pid) for pid in thread.pids}
         assert len(servers) == 1 and os.getpid() not in servers, servers
         assert {os.getpgid(pid) for pid in thread.pids} == servers != {os.getpgrp()}
-    assert set(sweep.joblib_worker_pids()) == set(thread.pids)
     settings = {k: v for k, v in launcher.items() if k != "_target_"}
     settings["backend"] = "loky"
     process_joblib_cfg(settings)
