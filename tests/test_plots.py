@@ -394,6 +394,51 @@ def test_renderer_picture_is_the_boundary_figure(data2):
     assert 0 <= got[0] - want[0] <= 4 and abs((got[1] - got[0]) - (want[1] - want[0])) <= 1
 
 
+def test_a_new_renderer_of_the_same_pictures_takes_the_laid_out_figure_of_a_gone_one(
+        data2, data3, monkeypatch):
+    """The jobs of a sweep draw the same data: a renderer takes the canvas of a collected
+    renderer of the same pictures instead of laying a figure out again, and draws exactly
+    what a renderer building its own figure draws."""
+    import gc
+
+    X_tr, y_tr, X_te, y_te = data2
+
+    def renderer(**kwargs):
+        return plots.BoundaryRenderer(X_tr, y_tr, X_te, y_te, resolution=40, dpi=60, **kwargs)
+
+    plots._CANVASES.clear()
+    built = []
+    build = plots.BoundaryRenderer._build
+
+    def counted(self, D, reserve):
+        built.append(reserve)
+        return build(self, D, reserve)
+
+    monkeypatch.setattr(plots.BoundaryRenderer, "_build", counted)
+    first = renderer()
+    first.render(lambda X: logistic_proba(X, 5.0), "job 1: before training")
+    # In use by a live renderer: another one builds its own.
+    other = renderer()
+    other.render(logistic_proba, "job 2: before training")
+    canvases = {id(first._canvas), id(other._canvas)}
+    assert len(canvases) == 2 and len(built) == 2
+    del first, other
+    gc.collect()
+    again = renderer()
+    picture = again.render(logistic_proba, "job 3: after 300 epochs")
+    assert len(built) == 2, built  # no layout: an idle canvas was taken
+    assert id(again._canvas) in canvases
+    # Other points, another size or more title lines: a figure of its own.
+    renderer(marker_size=2.0).render(logistic_proba, "x")
+    plots.BoundaryRenderer(*data3, resolution=40, dpi=60).render(softmax3_proba, "x")
+    renderer().render(logistic_proba, "two\nlines")
+    assert len(built) == 5, built
+    monkeypatch.undo()
+    plots._CANVASES.clear()
+    fresh = renderer().render(logistic_proba, "job 3: after 300 epochs")
+    assert np.array_equal(np.asarray(picture), np.asarray(fresh))
+
+
 def test_renderer_colours_each_side_and_reuses_its_figure(data2):
     X_tr, y_tr, X_te, y_te = data2
     renderer = plots.BoundaryRenderer(X_tr, y_tr, X_te, y_te, resolution=60, dpi=80)
