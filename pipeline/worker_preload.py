@@ -8,16 +8,8 @@ workers import what they need themselves, as they would without the server's war
 
 from __future__ import annotations
 
-try:
-    from pipeline.sweep import warm_worker
-
-    warm_worker()
-except Exception as error:  # pragma: no cover - depends on a broken environment
-    import logging
-
-    logging.getLogger(__name__).debug("fork server warm-up failed: %s", error)
-
-import os  # noqa: E402
+import logging
+import os
 
 if hasattr(os, "setpgid"):
     # The workers forked from here inherit this process group, out of the terminal's: a
@@ -28,3 +20,10 @@ if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     except OSError:
         pass
+
+try:
+    from pipeline.sweep import warm_worker
+
+    warm_worker()
+except Exception as error:  # depends on a broken environment
+    logging.getLogger(__name__).debug("fork server warm-up failed: %s", error)
