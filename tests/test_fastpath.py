@@ -334,15 +334,20 @@ def test_relu_backward_is_the_straightforward_mask(dtype, shape):
     g = rng.normal(size=shape).astype(dtype)
     want = g * (z > 0)
     a = act.forward(z)
-    for in_place in (False, True):
-        got = g.copy()
-        zz = a if in_place else z  # the workspace passes relu(z) as z (computed in place)
-        act.backward_to(zz, a, got, np.empty_like(z))
-        np.testing.assert_array_equal(got, want)
-        got = g.copy()
-        for op in act.backward_program(zz, a, got, np.empty_like(z)):
-            op()
-        np.testing.assert_array_equal(got, want)
+    for zz in (z, a):  # the workspace passes relu(z) as z (computed in place)
+        _assert_in_place_rules_give(act, zz, a, g, want)
+
+
+def _assert_in_place_rules_give(act, z, a, g, want) -> None:
+    """``act.backward_to`` and the calls of ``act.backward_program`` on (z, a) turn the
+    gradient ``g`` into ``want``, exactly."""
+    got = g.copy()
+    act.backward_to(z, a, got, np.empty_like(z))
+    np.testing.assert_array_equal(got, want)
+    got = g.copy()
+    for op in act.backward_program(z, a, got, np.empty_like(z)):
+        op()
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name", [n for n, loss in LOSSES.items() if loss.fused])
@@ -776,13 +781,7 @@ def test_rules_said_not_to_read_z_do_not(name, dtype):
     expected = g.copy()
     act.backward_to(z, a, expected, np.empty_like(z))
     garbage = np.full_like(z, np.nan)
-    got = g.copy()
-    act.backward_to(garbage, a, got, np.empty_like(z))
-    np.testing.assert_array_equal(got, expected)
-    got = g.copy()
-    for op in act.backward_program(garbage, a, got, np.empty_like(z)):
-        op()
-    np.testing.assert_array_equal(got, expected)
+    _assert_in_place_rules_give(act, garbage, a, g, expected)
     np.testing.assert_array_equal(act.backward(garbage, a, g), act.backward(z, a, g))
 
 
