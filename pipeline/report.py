@@ -446,11 +446,14 @@ def _ordered(values: pd.Series) -> list[Any]:
 
 def boundary_figure(
     uri: str, table: pd.DataFrame, keys: Sequence[str], sweeper: str = "basic",
-    resolution: int = 80, title: str = "",
+    resolution: int = 80, title: str = "", experiment_id: str | None = None,
 ) -> tuple[Any | None, list[str]]:
     """Small multiples of the final decision boundaries, one panel per job on the sweep's
     grid (rows: all swept keys but the last, columns: the last; trials in order for a
     search), each model loaded from its run's ``weights.npz``.
+
+    With ``experiment_id``, one search of the experiment's logged models says where each
+    job's model is (runs without one there are looked up by ``runs:/`` as before).
 
     Returns (figure or None when no job has a model, notes).
     """
@@ -461,11 +464,29 @@ def boundary_figure(
     tracking = _tracking()
     probas: dict[str, Any] = {}
     X = y = None
+    finished = table[table["status"] == OK_STATUS]
+    located: dict[str, str] = {}
+    if experiment_id is not None and not finished.empty:
+        try:
+            located = tracking.logged_model_locations(
+                uri, experiment_id, list(finished["run_id"]), WEIGHTS_ARTIFACT.split("/")[0])
+        except Exception:  # an older server without the search: one lookup per run
+            located = {}
+    inside_model = WEIGHTS_ARTIFACT.split("/", 1)[1]
     with tempfile.TemporaryDirectory(prefix="bp-report-") as tmp:
-        for _, row in table[table["status"] == OK_STATUS].iterrows():
+        for _, row in finished.iterrows():
             run_dir = Path(tmp) / row["run_id"]
+            path = None
+            if row["run_id"] in located:
+                try:
+                    path = tracking.download_artifact_uri(
+                        uri, f"{located[row['run_id']]}/{inside_model}", run_dir)
+                except Exception:  # not where the search said: ask through runs:/
+                    path = None
             try:
-                path = tracking.download_artifact(uri, row["run_id"], WEIGHTS_ARTIFACT, run_dir)
+                if path is None:
+                    path = tracking.download_artifact(uri, row["run_id"], WEIGHTS_ARTIFACT,
+                                                      run_dir)
                 probas[row["run_id"]] = model_io.load_model(path).predict_proba
             except Exception:  # no model logged (tracking.log_model=false) or unreadable
                 continue
@@ -631,7 +652,8 @@ def build_report(
     report.notes.extend(notes)
     if boundaries:
         fig, notes = boundary_figure(uri, table, keys, sweeper,
-                                     title="final decision boundaries")
+                                     title="final decision boundaries",
+                                     experiment_id=experiment_id)
         report.notes.extend(notes)
         if fig is not None:
             report.figures["boundaries.png"] = fig

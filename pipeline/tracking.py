@@ -1131,6 +1131,47 @@ def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLi
     return Path(local)
 
 
+def logged_model_locations(uri: str, experiment_id: str, run_ids: Sequence[str],
+                           name: str = "model") -> dict[str, str]:
+    """Where the READY logged model ``name`` of each of ``run_ids`` keeps its files, as
+    ``{run_id: artifact URI}``, from one search of the experiment's logged models.
+
+    ``runs:/<id>/<name>/...`` resolves the same place, at the cost of a run lookup and a
+    model search for every run (about 35 ms each on SQLite). Runs without such a model are
+    left out; where a run logged several, the newest counts.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    wanted = set(run_ids)
+    found: dict[str, tuple[int, str]] = {}
+    client = MlflowClient(uri)
+    token = None
+    with _quiet_mlflow():
+        while True:
+            page = client.search_logged_models(
+                experiment_ids=[str(experiment_id)], filter_string=f"name = '{name}'",
+                page_token=token)
+            for model in page:
+                run = model.source_run_id
+                if run not in wanted or model.status != LoggedModelStatus.READY:
+                    continue
+                if run not in found or model.creation_timestamp > found[run][0]:
+                    found[run] = (model.creation_timestamp, model.artifact_location)
+            token = page.token
+            if not token:
+                break
+    return {run: location for run, (_, location) in found.items()}
+
+
+def download_artifact_uri(uri: str, artifact_uri: str, dst_dir: str | os.PathLike) -> Path:
+    """Download the artifact at ``artifact_uri`` (as :func:`logged_model_locations` gives,
+    plus a path inside it) into ``dst_dir``."""
+    with _global_tracking_uri(uri), _quiet_mlflow():
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=os.fspath(dst_dir), tracking_uri=uri)
+    return Path(local)
+
+
 # ---------------------------------------------------------------------------- upload
 
 
@@ -1220,7 +1261,8 @@ if __name__ == "__main__":
 
 __all__ = [
     "HTTP_ENV_DEFAULTS", "MLPPyfuncModel", "PhaseTimer", "RunTracker", "TrackingUnavailable",
-    "check_reachable", "default_artifact_root", "download_artifact", "find_experiment_id",
+    "check_reachable", "default_artifact_root", "download_artifact", "download_artifact_uri",
+    "find_experiment_id", "logged_model_locations",
     "flatten_config", "limit_http_retries", "search_runs",
     "local_tracking_uri", "prepare_experiment", "project_root", "resolve_tracking_uri",
     "run_url", "ui_command", "upload_spool",

@@ -252,3 +252,67 @@ def test_two_sweeps_in_one_table(tmp_path, new_store):
     _, second = _fill_store(uri, tmp_path, grid=GRID[2:4], with_models=False)
     rep = report.build_report(uri, experiment, [first, second], boundaries=False)
     assert len(rep.table) == 4 and "sweep" in rep.table.columns
+
+
+def test_boundaries_find_every_jobs_logged_model_in_one_search(tmp_path, new_store,
+                                                               monkeypatch):
+    """The report locates the jobs' logged models with one search instead of a ``runs:/``
+    lookup per job; each panel shows its own job's model, the newest where a job logged
+    two, and runs without a model are left out of the locations."""
+    from pipeline import plots
+    from pipeline.io import load_model
+
+    uri = new_store(tmp_path / "store")
+    experiment = tracking.prepare_experiment(uri, "backprop")
+    swept = [report.SweptParam("optimizer.lr", "1.0,0.1,0.01", [1.0, 0.1, 0.01])]
+    parent = tracking.RunTracker(uri, spool_root=tmp_path / "spool")
+    parent.start(experiment, "sweep-models",
+                 tags={report.TAG_ROLE: "parent", report.TAG_NAME: "sweep-models",
+                       report.TAG_PARAMS: json.dumps([p.to_dict() for p in swept])})
+    X = np.random.default_rng(0).normal(size=(40, 2))
+    points = pd.DataFrame({"x1": X[:, 0], "x2": X[:, 1], "label": (X[:, 0] > 0).astype(int),
+                           "split": "train"})
+    models: dict[str, MLP] = {}
+    for job, lr in enumerate((1.0, 0.1, 0.01)):
+        child = tracking.RunTracker(uri, spool_root=tmp_path / "spool")
+        child.start(experiment, f"job{job}", params={"optimizer": {"lr": lr}},
+                    tags={report.TAG_JOB: str(job)}, parent_run_id=parent.run_id)
+        child.log_metrics({"test/loss": 0.1 * (job + 1)}, step=1)
+        model = MLP([2, 4, 1], activation="tanh", output="sigmoid", seed=job)
+        if job == 1:  # an earlier model of the same run: the newer one is the job's
+            child.log_model(MLP([2, 4, 1], activation="tanh", output="sigmoid", seed=99), X[:3])
+        child.log_model(model, X[:3])
+        child.log_text(points.to_csv(index=False), report.DATASET_ARTIFACT)
+        child.end("FINISHED")
+        models[child.run_id] = model
+    parent.end("FINISHED")
+
+    locations = tracking.logged_model_locations(uri, experiment, [*models, parent.run_id])
+    assert set(locations) == set(models)
+    for run_id, model in models.items():
+        path = tracking.download_artifact_uri(
+            uri, f"{locations[run_id]}/artifacts/weights.npz", tmp_path / run_id)
+        np.testing.assert_array_equal(load_model(path).params, model.params)
+
+    by_run = tracking.download_artifact
+
+    def no_model_by_run(uri_, run_id, path, dst):
+        assert path != report.WEIGHTS_ARTIFACT, "a model was looked up through runs:/"
+        return by_run(uri_, run_id, path, dst)
+
+    drawn = {}
+    draw = plots.plot_small_multiples
+
+    def keep_panels(panels, *args, **kwargs):
+        drawn["panels"] = panels
+        return draw(panels, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "download_artifact", no_model_by_run)
+    monkeypatch.setattr(plots, "plot_small_multiples", keep_panels)
+    rep = report.build_report(uri, experiment, parent.run_id)
+    assert "boundaries.png" in rep.figures
+    run_of_lr = dict(zip(rep.table["optimizer.lr"], rep.table["run_id"], strict=True))
+    assert len(drawn["panels"]) == 3
+    for panel in drawn["panels"]:
+        expected = models[run_of_lr[panel.col]].predict_proba(X)
+        np.testing.assert_allclose(panel.proba(X), expected, rtol=1e-6)
