@@ -57,6 +57,10 @@ class Loss:
         ``fused_delta_ops(z, a, T, out)``: the calls of ``fused_delta_into`` on these very
         arrays, as a list of argument-free callables bound once (see
         :meth:`delta_program`).
+    terms : callable or None
+        ``terms(z, a, T)``: the loss's terms per sample and output, whose sum over a
+        batch divided by its ``n`` is ``value``; any leading axes are kept, so that
+        :meth:`values` scores a stack of batches (replicas) at once.
     """
 
     name: str
@@ -69,6 +73,18 @@ class Loss:
     fused_delta: Callable[[Array, Array, Array], Array] | None = None
     fused_delta_into: Callable[[Array, Array, Array, Array], None] | None = None
     fused_delta_ops: Callable[[Array, Array, Array, Array], list[Op]] | None = None
+    terms: Callable[[Array, Array, Array], Array] | None = None
+
+    def values(self, z: Array, a: Array, T: Array) -> Array:
+        """The mean loss of each batch of a stack: ``z`` and ``a`` of shape ``(..., n, c)``,
+        the targets ``T`` ``(n, c)`` shared by all; returns an array of shape ``(...)``."""
+        if self.terms is not None:
+            return np.sum(self.terms(z, a, T), axis=(-2, -1)) / z.shape[-2]
+        lead = z.shape[:-2]
+        out = np.empty(lead)
+        for index in np.ndindex(*lead):
+            out[index] = self.value(z[index], a[index], T)
+        return out
 
     def delta(self, z: Array, a: Array, T: Array, output: Activation) -> Array:
         """Gradient of the mean loss with respect to the output pre-activation ``z``."""
@@ -135,11 +151,14 @@ def _half_sse_grad(z: Array, a: Array, T: Array) -> Array:
 # ------------------------------------------------------------- binary cross-entropy
 
 
-def _bce_value(z: Array, a: Array, T: Array) -> float:
+def _bce_terms(z: Array, a: Array, T: Array) -> Array:
     # From the logits: -[t log s(z) + (1-t) log(1-s(z))] = max(z,0) - t z + log(1+e^-|z|),
     # exact and finite for any z, where log(a) would give -inf once a rounds to 0 or 1.
-    per = np.maximum(z, 0) - T * z + np.log1p(np.exp(-np.abs(z)))
-    return float(np.sum(per) / z.shape[0])
+    return np.maximum(z, 0) - T * z + np.log1p(np.exp(-np.abs(z)))
+
+
+def _bce_value(z: Array, a: Array, T: Array) -> float:
+    return float(np.sum(_bce_terms(z, a, T)) / z.shape[0])
 
 
 def _bce_grad(z: Array, a: Array, T: Array) -> Array:
@@ -168,10 +187,14 @@ def _residual_over_n_ops(z: Array, a: Array, T: Array, out: Array) -> list[Op]:
 # -------------------------------------------------------------- softmax cross-entropy
 
 
+def _ce_terms(z: Array, a: Array, T: Array) -> Array:
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_softmax = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    return -(T * log_softmax)
+
+
 def _ce_value(z: Array, a: Array, T: Array) -> float:
-    shifted = z - z.max(axis=1, keepdims=True)
-    log_softmax = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-    return float(-np.sum(T * log_softmax) / z.shape[0])
+    return float(np.sum(_ce_terms(z, a, T)) / z.shape[0])
 
 
 def _ce_delta(z: Array, a: Array, T: Array) -> Array:
@@ -233,12 +256,12 @@ LOSSES: dict[str, Loss] = {
     "bce": Loss(
         "bce", _bce_value, _bce_grad, outputs=("sigmoid",), fused=("sigmoid",),
         fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
-        fused_delta_ops=_residual_over_n_ops,
+        fused_delta_ops=_residual_over_n_ops, terms=_bce_terms,
     ),
     "cross_entropy": Loss(
         "cross_entropy", _ce_value, _ce_grad, outputs=("softmax",), min_units=2,
         fused=("softmax",), fused_delta=_ce_delta, fused_delta_into=_ce_delta_into,
-        fused_delta_ops=_ce_delta_ops,
+        fused_delta_ops=_ce_delta_ops, terms=_ce_terms,
     ),
     "hinge": Loss("hinge", _hinge_value, _hinge_grad, outputs=("identity", "tanh")),
 }

@@ -226,6 +226,24 @@ class ReplicaMLP:
             parts.append(block.ravel())
         return np.concatenate(parts)
 
+    def _norm_bins(self) -> Array:
+        """For every value of the flat vector, ``layer * K + replica``: the bin whose
+        weights and biases :func:`_layer_norms` adds it to."""
+        bins = getattr(self, "_bins", None)
+        if bins is None or bins.size != self.params.size:
+            K = self.n_replicas
+            bins = np.empty(self.params.size, dtype=np.intp)
+            weights, biases = self._views(bins)
+            for i, W in enumerate(weights):
+                replica_axis = 1 if i == 0 else 0
+                shape = [1, 1, 1]
+                shape[replica_axis] = K
+                W[...] = i * K + np.arange(K).reshape(shape)
+                if biases is not None:
+                    biases[i][...] = i * K + np.arange(K)[:, None]
+            self._bins = bins
+        return bins
+
     def _blocks(self, flat: Array) -> list[Array]:
         """The per-layer blocks of a packed vector (see :meth:`_packed_order`), as views."""
         K, extra = self.n_replicas, int(self.bias)
@@ -275,6 +293,7 @@ class ReplicaMLP:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_workspaces"] = {}
+        state.pop("_bins", None)  # rebuilt on demand
         return state
 
     def __repr__(self) -> str:
@@ -878,14 +897,7 @@ def fit_replicas(
                 bad = [k for k in range(K) if not np.isfinite(per["train/loss"][k])]
                 if bad:
                     raise DivergenceError(epoch, f"loss of replica(s) {bad} became non-finite")
-                for k, h in enumerate(history.replicas):
-                    h.append(epoch, {key: float(v[k]) for key, v in per.items()})
-                summary: dict[str, float] = {}
-                for key, values in per.items():
-                    summary[key] = float(np.mean(values))
-                for key, values in per.items():
-                    summary[f"{key}/std"] = float(np.std(values))
-                history.append(epoch, summary)
+                summary = _record_replica_metrics(history, epoch, per)
 
                 stop = has_val and early.update(epoch, summary["test/loss"], params, history)
                 stop = run_callbacks(callbacks, epoch, summary) or stop
@@ -921,17 +933,34 @@ def _replica_metrics(model, X, T, labels, loss, lrs, diagnostics, previous, val)
     return per
 
 
+def _record_replica_metrics(history: ReplicaHistory, epoch: int,
+                            per: dict[str, Array]) -> dict[str, float]:
+    """Append an evaluated epoch's metrics (``{key: K values}``) to every replica's
+    history and their mean and spread to ``history``; returns that summary."""
+    keys = list(per)
+    # One (metrics, K) table: a mean and a spread per metric in two calls instead of two
+    # calls per metric (13 metrics of a default run: 130 -> 15 us an epoch).
+    table = np.array([np.asarray(per[key], dtype=np.float64) for key in keys])
+    for k, h in enumerate(history.replicas):
+        h.append(epoch, dict(zip(keys, table[:, k].tolist(), strict=True)))
+    summary = dict(zip(keys, table.mean(axis=1).tolist(), strict=True))
+    summary.update(zip([f"{key}/std" for key in keys], table.std(axis=1).tolist(),
+                       strict=True))
+    history.append(epoch, summary)
+    return summary
+
+
 def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array, loss: Loss,
               fractions: _UnitFractions | None) -> tuple[Array, Array]:
     """Each replica's mean loss and accuracy on checked data, ``(K,)`` each."""
     Z, A = model._outputs(X, fractions)
-    out_name = model.output_activation.name
-    losses, accuracy = [], []
-    for k in range(model.n_replicas):
-        losses.append(loss.value(Z[:, k, :].T, A[:, k, :].T, T))
-        proba = scores_to_proba(A[:, k, :].T, out_name, loss.name)
-        accuracy.append(np.mean(np.argmax(proba, axis=1) == labels))
-    return np.array(losses), np.array(accuracy)
+    K, n = model.n_replicas, X.shape[0]
+    losses = loss.values(Z.transpose(1, 2, 0), A.transpose(1, 2, 0), T)
+    # scores_to_proba maps row by row, so every replica's rows go through it at once.
+    rows = A.transpose(1, 2, 0).reshape(K * n, A.shape[0])
+    proba = scores_to_proba(rows, model.output_activation.name, loss.name)
+    hits = np.argmax(proba, axis=1).reshape(K, n) == labels
+    return losses, np.count_nonzero(hits, axis=1) / max(n, 1)
 
 
 class _UnitFractions:
@@ -953,11 +982,18 @@ class _UnitFractions:
                 live = ~np.all(a <= 0, axis=2)
                 self.live[i] = live | self.live[i] if i in self.live else live
             elif act.family == "saturating":
+                # fit()'s numbers (1 - a*a, a * (1 - a)) without its temporaries, and one
+                # count per replica: count_nonzero over a whole view is several times
+                # faster than with an axis (a (16, 8, 1000) block: 80 -> 38 us).
+                deriv = np.multiply(a, a) if act.name == "tanh" else np.subtract(1.0, a)
                 if act.name == "tanh":
-                    deriv, peak = 1.0 - a * a, 1.0
+                    np.subtract(1.0, deriv, out=deriv)
+                    peak = 1.0
                 else:
-                    deriv, peak = a * (1.0 - a), 0.25
-                count = np.count_nonzero(deriv < SATURATION_THRESHOLD * peak, axis=(0, 2))
+                    np.multiply(a, deriv, out=deriv)
+                    peak = 0.25
+                low = np.less(deriv, SATURATION_THRESHOLD * peak)
+                count = np.array([np.count_nonzero(low[:, k]) for k in range(a.shape[1])])
                 self.saturated[i] = self.saturated.get(i, 0) + count
         self.rows += As[-1].shape[2]
 
@@ -974,15 +1010,12 @@ class _UnitFractions:
 
 def _layer_norms(model: ReplicaMLP, flat: Array) -> list[Array]:
     """Per layer, the Euclidean norm of each replica's weights and biases, ``(K,)``."""
-    weights, biases = model._views(flat)
-    norms = []
-    for i, W in enumerate(weights):
-        axes = (0, 2) if i == 0 else (1, 2)
-        sq = np.sum(np.square(W, dtype=np.float64), axis=axes)
-        if biases is not None:
-            sq = sq + np.sum(np.square(biases[i], dtype=np.float64), axis=1)
-        norms.append(np.sqrt(sq))
-    return norms
+    # One weighted bincount over the flat vector instead of two reductions per layer:
+    # the squares add up into bin (layer * K + replica) of each value.
+    bins = model._norm_bins()
+    squares = np.square(flat, dtype=np.float64)
+    sums = np.bincount(bins, weights=squares, minlength=model.n_layers * model.n_replicas)
+    return list(np.sqrt(sums).reshape(model.n_layers, model.n_replicas))
 
 
 def replicas_from_config(model: MLP, n_replicas: int) -> ReplicaMLP:

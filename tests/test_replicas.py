@@ -101,6 +101,12 @@ def test_replicas_equal_separate_runs_for_other_architectures(name):
         np.testing.assert_allclose(hist.replicas[k].metrics["train/loss"],
                                    h.metrics["train/loss"], rtol=1e-8)
         assert hist.replicas[k].metrics["lr"] == h.metrics["lr"]
+        # Every other metric too: accuracy through each output's class mapping (softmax,
+        # clipped squared-error scores), norms, dead and saturated fractions.
+        assert list(hist.replicas[k].metrics) == list(h.metrics)
+        for key in h.metrics:
+            np.testing.assert_allclose(hist.replicas[k].metrics[key], h.metrics[key],
+                                       rtol=1e-6, atol=1e-9, err_msg=key)
 
 
 def test_per_replica_learning_rates_follow_their_schedules():
