@@ -5,6 +5,7 @@ Run from the project root::
     python benchmarks/bench_run.py                 # default run: 3 ways, 5 repeats each
     python benchmarks/bench_run.py --sweep         # also the 8-job sweep, basic vs joblib
     python benchmarks/bench_run.py --repeats 3 -- trainer.epochs=1000   # other overrides
+    python benchmarks/bench_run.py --sweep-only -- trainer.epochs=3000  # sweep of longer jobs
 
 Every repeat runs the ways side by side (A, B, C, A, B, C, ...) so that a slow spell of
 the machine hits them alike; medians are reported. Each way writes to its own fresh
@@ -121,17 +122,17 @@ def bench_runs(repeats: int, overrides: list[str], work: Path) -> None:
           f"service - untracked: {med['service'] - med['untracked']:.2f} s")
 
 
-def bench_sweep(repeats: int, work: Path) -> None:
+def bench_sweep(repeats: int, work: Path, overrides: list[str] = ()) -> None:
     walls: dict[str, list[float]] = {w: [] for w in SWEEP_WAYS}
     for i in range(repeats):
         for way, args in SWEEP_WAYS.items():
             store = work / f"sweep-{way}-{i}"
             store.mkdir()
-            command = [sys.executable, str(TRAIN), *SWEEP, *args,
+            command = [sys.executable, str(TRAIN), *SWEEP, *overrides, *args,
                        f"hydra.sweep.dir={work / 'multirun' / way / str(i)}"]
             walls[way].append(_timed(command, _env(store, {}), work))
     med = {w: statistics.median(v) for w, v in walls.items()}
-    print(f"\n8-job sweep ({' '.join(SWEEP)}), medians of {repeats}:")
+    print(f"\n8-job sweep ({' '.join([*SWEEP, *overrides])}), medians of {repeats}:")
     for way in SWEEP_WAYS:
         print(f"  {way:<9} {med[way]:6.1f} s   (runs: {', '.join(f'{s:.1f}' for s in walls[way])})")
     print(f"  joblib-2 / basic: {med['joblib-2'] / med['basic']:.2f}x")
@@ -142,15 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="also time the 8-job sweep")
     parser.add_argument("--sweep-repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="train.py overrides for the single run")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="time the sweep alone, not the single runs")
+    parser.add_argument("overrides", nargs="*",
+                        help="train.py overrides for the single runs and the sweep's jobs")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         work = Path(tmp)
-        bench_runs(args.repeats, args.overrides, work)
-        if args.sweep:
-            bench_sweep(args.sweep_repeats, work)
+        if not args.sweep_only:
+            bench_runs(args.repeats, args.overrides, work)
+        if args.sweep or args.sweep_only:
+            bench_sweep(args.sweep_repeats, work, args.overrides)
     return 0
 
 
