@@ -104,14 +104,17 @@ def make_data(cfg: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_ours(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int,
-             threads: int | None = None) -> tuple[float, float]:
+             threads: int | None = None, evaluated: bool = False) -> tuple[float, float]:
+    """``evaluated``: evaluate and report diagnostics after every epoch, as a run of
+    ``train.py`` does (else once, after the last epoch)."""
     n_out = 1 if cfg.classes == 2 else cfg.classes
     output, loss = ("sigmoid", "bce") if cfg.classes == 2 else ("softmax", "cross_entropy")
     start = time.perf_counter()
     model = MLP([X.shape[1], *cfg.hidden, n_out], activation=cfg.activation, output=output,
                 init="xavier_uniform", seed=0, dtype=np.float32)
     fit(model, X, y, loss=loss, optimizer=make_optimizer("adam", lr=cfg.lr), epochs=epochs,
-        batch_size=cfg.batch, seed=0, eval_every=epochs, diagnostics=False)
+        batch_size=cfg.batch, seed=0, eval_every=1 if evaluated else epochs,
+        diagnostics=evaluated)
     elapsed = time.perf_counter() - start
     return elapsed, float(np.mean(model.predict(X) == y))
 

@@ -75,16 +75,27 @@ class Loss:
     fused_delta_ops: Callable[[Array, Array, Array, Array], list[Op]] | None = None
     terms: Callable[[Array, Array, Array], Array] | None = None
 
+    #: Most values :meth:`values` puts through :attr:`terms` in one go: a larger stack's
+    #: temporaries cost more (fresh memory, cache misses) than the calls they save (8
+    #: replicas x 10,000 samples x 4 classes: 0.8 ms a batch at a time, 2.5 ms at once).
+    STACK_VALUES = 2**16
+
     def values(self, z: Array, a: Array, T: Array) -> Array:
         """The mean loss of each batch of a stack: ``z`` and ``a`` of shape ``(..., n, c)``,
         the targets ``T`` ``(n, c)`` shared by all; returns an array of shape ``(...)``."""
-        if self.terms is not None:
-            return np.sum(self.terms(z, a, T), axis=(-2, -1)) / z.shape[-2]
-        lead = z.shape[:-2]
-        out = np.empty(lead)
-        for index in np.ndindex(*lead):
-            out[index] = self.value(z[index], a[index], T)
-        return out
+        lead, (n, c) = z.shape[:-2], z.shape[-2:]
+        if self.terms is None:
+            out = np.empty(lead)
+            for index in np.ndindex(*lead):
+                out[index] = self.value(z[index], a[index], T)
+            return out
+        z, a = z.reshape(-1, n, c), a.reshape(-1, n, c)
+        out = np.empty(z.shape[0], dtype=np.result_type(z, T))
+        step = max(1, self.STACK_VALUES // max(n * c, 1))
+        for start in range(0, z.shape[0], step):
+            part = slice(start, start + step)
+            out[part] = np.sum(self.terms(z[part], a[part], T), axis=(-2, -1)) / n
+        return out.reshape(lead)
 
     def delta(self, z: Array, a: Array, T: Array, output: Activation) -> Array:
         """Gradient of the mean loss with respect to the output pre-activation ``z``."""

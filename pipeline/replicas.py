@@ -954,13 +954,18 @@ def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array, loss: Loss,
               fractions: _UnitFractions | None) -> tuple[Array, Array]:
     """Each replica's mean loss and accuracy on checked data, ``(K,)`` each."""
     Z, A = model._outputs(X, fractions)
-    K, n = model.n_replicas, X.shape[0]
+    K, (c, n) = model.n_replicas, (A.shape[0], X.shape[0])
     losses = loss.values(Z.transpose(1, 2, 0), A.transpose(1, 2, 0), T)
-    # scores_to_proba maps row by row, so every replica's rows go through it at once.
-    rows = A.transpose(1, 2, 0).reshape(K * n, A.shape[0])
-    proba = scores_to_proba(rows, model.output_activation.name, loss.name)
-    hits = np.argmax(proba, axis=1).reshape(K, n) == labels
-    return losses, np.count_nonzero(hits, axis=1) / max(n, 1)
+    # scores_to_proba maps row by row, so the rows of several replicas go through it at
+    # once; as many as Loss.values takes in one go.
+    accuracy = np.empty(K)
+    step = max(1, loss.STACK_VALUES // max(n * c, 1))
+    for start in range(0, K, step):
+        group = A[:, start : start + step].transpose(1, 2, 0)
+        proba = scores_to_proba(group.reshape(-1, c), model.output_activation.name, loss.name)
+        hits = np.argmax(proba, axis=1).reshape(group.shape[0], n) == labels
+        accuracy[start : start + step] = np.count_nonzero(hits, axis=1) / max(n, 1)
+    return losses, accuracy
 
 
 class _UnitFractions:

@@ -94,9 +94,11 @@ def test_value_is_a_mean_over_the_batch(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_values_of_a_stack_are_each_batchs_value(name, dtype):
-    """Loss.values scores a stack of batches (replicas) at once: each entry is exactly
-    what value() gives that batch alone, by the shared terms or one value() per batch."""
+@pytest.mark.parametrize("stack_values", [Loss.STACK_VALUES, 150])
+def test_values_of_a_stack_are_each_batchs_value(name, dtype, stack_values, monkeypatch):
+    """Loss.values scores a stack of batches (replicas) at once, or in groups when the
+    stack is large: each entry is exactly what value() gives that batch alone."""
+    monkeypatch.setattr(Loss, "STACK_VALUES", stack_values)
     output = HAND[name][0]
     n_units = len(HAND[name][1][0])
     act = ACTIVATIONS[output]

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from pipeline.losses import Loss
 from pipeline.nn import MLP
 from pipeline.optim import make_optimizer
 from pipeline.replicas import (
@@ -90,7 +91,11 @@ def test_replicas_equal_separate_runs(optimizer, batch_size, block, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["relu", "softmax", "mse"])
-def test_replicas_equal_separate_runs_for_other_architectures(name):
+@pytest.mark.parametrize("one_replica_at_a_time", [False, True])
+def test_replicas_equal_separate_runs_for_other_architectures(name, one_replica_at_a_time,
+                                                              monkeypatch):
+    if one_replica_at_a_time:  # the replicas' losses and accuracies scored group by group
+        monkeypatch.setattr(Loss, "STACK_VALUES", 1)
     arch = ARCH[name]
     lrs = [0.05, 0.02, 0.1]
     alone = _separate(arch, "adam", lrs, batch_size=20, epochs=6)
