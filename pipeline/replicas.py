@@ -230,7 +230,7 @@ class ReplicaMLP:
         """For every value of the flat vector, ``layer * K + replica``: the bin whose
         weights and biases :func:`_layer_norms` adds it to."""
         bins = getattr(self, "_bins", None)
-        if bins is None or bins.size != self.params.size:
+        if bins is None:
             K = self.n_replicas
             bins = np.empty(self.params.size, dtype=np.intp)
             weights, biases = self._views(bins)
@@ -990,11 +990,12 @@ class _UnitFractions:
                 # fit()'s numbers (1 - a*a, a * (1 - a)) without its temporaries, and one
                 # count per replica: count_nonzero over a whole view is several times
                 # faster than with an axis (a (16, 8, 1000) block: 80 -> 38 us).
-                deriv = np.multiply(a, a) if act.name == "tanh" else np.subtract(1.0, a)
                 if act.name == "tanh":
+                    deriv = np.multiply(a, a)
                     np.subtract(1.0, deriv, out=deriv)
                     peak = 1.0
                 else:
+                    deriv = np.subtract(1.0, a)
                     np.multiply(a, deriv, out=deriv)
                     peak = 0.25
                 low = np.less(deriv, SATURATION_THRESHOLD * peak)
