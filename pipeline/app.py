@@ -62,6 +62,9 @@ class RunResult:
         Where what could not reach the tracking store was kept, and how to upload it.
     timings : dict
         Seconds per phase (data, train, plots, logging, ...).
+    n_replicas : int
+        Networks trained side by side (``trainer.replicas``); above 1 the metrics are
+        their means, with the spreads under ``<key>/std``.
     """
 
     status: str
@@ -75,6 +78,7 @@ class RunResult:
     reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     spool_message: str | None = None
+    n_replicas: int = 1
 
     @property
     def objective(self) -> float | None:
@@ -386,6 +390,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         experiment_id=tracker.experiment_id if tracker else None,
         tracking_uri=tracking_uri, reason=reason, timings=dict(timer.seconds),
         spool_message=tracker.spool_message if spool is not None else None,
+        n_replicas=n_replicas,
     )
     if echo:
         _print_summary(result, name)
@@ -582,14 +587,24 @@ def _log_config(tracker, config: Mapping[str, Any]) -> None:
 
 def _print_summary(result: RunResult, name: str) -> None:
     m = result.metrics
-    parts = [f"{k.split('/')[0]} accuracy {m[k]:.3f}" for k in ("train/accuracy", "test/accuracy")
-             if k in m]
+    replicas = result.n_replicas if result.n_replicas > 1 else 0
+
+    def value(key: str, digits: int) -> str:
+        # A replicated run's metrics are means; their spread says how much is luck.
+        spread = m.get(f"{key}/std") if replicas else None
+        return f"{m[key]:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
+
+    parts = [f"{k.split('/')[0]} accuracy {value(k, 3)}" for k in ("train/accuracy",
+                                                                     "test/accuracy") if k in m]
     if "test/loss" in m:
-        parts.append(f"test loss {m['test/loss']:.4f}")
+        parts.append(f"test loss {value('test/loss', 4)}")
     print(f"{name}: {result.status} after {result.history.epochs[-1] if len(result.history) else 0}"
           f" epochs ({result.timings.get('train', 0.0):.2f} s training)")
     if parts:
         print("  " + ", ".join(parts))
+        if replicas:
+            print(f"  (mean ± standard deviation over {replicas} replicas, seeds "
+                  f"{result.model.seed}..{result.model.seed + replicas - 1})")
     if result.reason:
         print(f"  reason: {result.reason}")
     if result.spool_message:

@@ -328,6 +328,20 @@ def test_replicated_run_logs_mean_spread_table_and_replica_plot(config, tracking
     assert table.loc[0, "test/loss"] == pytest.approx(single.metrics["test/loss"], rel=1e-4)
 
 
+def test_replicated_run_summary_shows_the_spread_across_replicas(config, capsys):
+    result = app.run(config("trainer.epochs=5", "trainer.replicas=3", "tracking=none",
+                            "trainer.seed=7"), echo=True)
+    out = capsys.readouterr().out
+    m = result.metrics
+    assert (f"train accuracy {m['train/accuracy']:.3f} ± {m['train/accuracy/std']:.3f}"
+            in out), out
+    assert f"test loss {m['test/loss']:.4f} ± {m['test/loss/std']:.4f}" in out, out
+    assert "(mean ± standard deviation over 3 replicas, seeds 7..9)" in out, out
+    single = app.run(config("trainer.epochs=5", "tracking=none"), echo=True)
+    out = capsys.readouterr().out
+    assert f"test loss {single.metrics['test/loss']:.4f}\n" in out and "±" not in out, out
+
+
 def test_replica_learning_rates_train_each_replica_with_its_own(config):
     result = app.run(config("trainer.epochs=5", "trainer.replicas=2", "tracking=none",
                             "trainer.replica_lrs=[0.001,0.1]"), echo=False)
