@@ -361,17 +361,29 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
+#: MLflow loggers whose INFO lines while a model is logged are noise in every run's output
+#: ("Validating input example against model signature").
+_CHATTY_LOGGERS = ("mlflow.pyfunc", "mlflow.models")
+
+
 @contextlib.contextmanager
 def _quiet_mlflow() -> Iterator[None]:
-    """No download progress bars or schema hints while a model is logged (log noise)."""
+    """No download progress bars, schema hints or INFO lines while a model is logged."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     previous = os.environ.get(key)
     os.environ[key] = "false"
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
         if previous is None:
             os.environ.pop(key, None)
         else:

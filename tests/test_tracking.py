@@ -364,6 +364,16 @@ def test_pyfunc_model_round_trip(tracker, exp_id, uri, n_out, class_names):
     assert (local / "input_example.json").is_file()
 
 
+def test_logging_a_model_says_nothing_on_stderr(tracker, exp_id, capfd):
+    """MLflow announces "Validating input example against model signature" at INFO for
+    every model logged: noise in every run's output, which the model logging silences."""
+    tracker.start(exp_id, "quiet")
+    tracker.log_model(_model(1), _X()[:5])
+    tracker.end()
+    err = capfd.readouterr().err
+    assert "Validating input example" not in err, err
+
+
 def test_attach_then_detach_keeps_the_status(tracker, exp_id, uri, tmp_path):
     run_id = tracker.start(exp_id, "parent")
     tracker.end("FINISHED")
