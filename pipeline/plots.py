@@ -1623,11 +1623,14 @@ def plot_sweep_lines(
     failed_mask: Any = None,
     higher_is_better: bool = True,
     title: str | None = None,
+    spread: str | None = None,
 ) -> Figure:
     """A metric against one swept parameter, one line per value of ``hue``.
 
     Several jobs at the same point (e.g. seeds) are drawn as their mean with a band of
-    +/- one standard deviation, so a difference can be told from seed noise. Failed jobs
+    +/- one standard deviation, so a difference can be told from seed noise; a point of
+    one job whose ``spread`` column holds the standard deviation across its replicas
+    (``trainer.replicas``) gets that band. Failed jobs
     are marked with a red x on the x axis. A numeric, positive ``x`` spanning two decades
     or more (a learning rate) gets a log axis; non-numeric values are categories.
 
@@ -1644,6 +1647,8 @@ def plot_sweep_lines(
     higher_is_better : bool
         The best point is circled.
     title : str, optional
+    spread : str, optional
+        A column with each job's standard deviation of ``value`` across its replicas.
 
     Returns
     -------
@@ -1661,21 +1666,29 @@ def plot_sweep_lines(
     fig = _new_figure((6.4, 4.2))
     ax = fig.add_subplot()
     best_val, best_xy = None, None
+    banded = False  # the first band gets the legend entry
     for n, hv in enumerate(hues):
         sel = np.ones(len(table), dtype=bool) if hue is None else \
             (table[hue].map(_key) == _key(hv)).to_numpy()
         ok = sel & ~failed.to_numpy() & np.isfinite(table[value].to_numpy(dtype=float))
         sub = pd.DataFrame({"x": [pos[_key(v)] for v in table[x][ok]],
-                            "v": table[value][ok].to_numpy(dtype=float)})
+                            "v": table[value][ok].to_numpy(dtype=float),
+                            "s": (table[spread][ok].to_numpy(dtype=float) if spread
+                                  else np.nan)})
         if sub.empty:
             continue
-        stats = sub.groupby("x")["v"].agg(["mean", "std", "count"]).sort_index()
+        stats = sub.groupby("x").agg(mean=("v", "mean"), std=("v", "std"),
+                                     count=("v", "count"), within=("s", "mean")).sort_index()
+        # Seeds as separate jobs: their spread; one replicated job: its replicas' spread.
+        sd = stats["std"].where(stats["count"] > 1, stats["within"])
         label = None if hue is None else f"{hue} = {_fmt_value(hv)}"
         line, = ax.plot(stats.index, stats["mean"], marker="o", color=f"C{n % 10}", label=label)
-        if (stats["count"] > 1).any():
-            sd = stats["std"].fillna(0.0)
+        if sd.notna().any():
+            sd = sd.fillna(0.0)
             ax.fill_between(stats.index, stats["mean"] - sd, stats["mean"] + sd,
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+                            color=line.get_color(), alpha=0.2, linewidth=0,
+                            label=None if banded else "± 1 sd across seeds")
+            banded = True
         i = stats["mean"].idxmax() if higher_is_better else stats["mean"].idxmin()
         v = stats["mean"][i]
         if best_val is None or (v > best_val if higher_is_better else v < best_val):

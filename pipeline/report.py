@@ -156,9 +156,15 @@ class SweepReport:
                 "status", "failure_reason", "best"]
         view = self.table[[c for c in cols if c in self.table]].copy()
         failed = view["status"] != OK_STATUS
-        for m in METRICS[:2]:  # a diverged job's last values mean nothing
-            if m in view:
-                view[m] = view[m].astype(object).where(~failed, "-")
+        for m in METRICS[:2]:
+            if m not in view:
+                continue
+            spread = self.table.get(f"{m}/std")
+            if spread is not None:  # replicated jobs: mean ± standard deviation
+                view[m] = [f"{v:.4f}" if pd.isna(sd) else f"{v:.4f} ± {sd:.4f}"
+                           for v, sd in zip(view[m], spread, strict=True)]
+            # A diverged job's last values mean nothing.
+            view[m] = view[m].astype(object).where(~failed, "-")
         view["failure_reason"] = view["failure_reason"].fillna("").map(
             lambda s: s if len(s) <= max_reason else s[: max_reason - 3] + "...")
         view["best"] = view["best"].map({True: "*", False: ""})
@@ -294,6 +300,9 @@ def sweep_table(
         ``basic`` orders rows by the swept values (the order of the command line, which is
         Hydra's job order); other sweepers by job number (trial order).
     """
+    # Jobs with replicas (trainer.replicas) log each metric's spread across them.
+    spreads = [f"{m}/std" for m in METRICS if f"metrics.{m}/std" in runs
+               and runs[f"metrics.{m}/std"].notna().any()]
     rows = []
     for _, run in runs.iterrows():
         job = run.get(f"tags.{TAG_JOB}")
@@ -302,7 +311,7 @@ def sweep_table(
         }
         for p in params:
             row[p.key] = _child_value(run, p.key)
-        for m in METRICS:
+        for m in (*METRICS, *spreads):
             value = run.get(f"metrics.{m}")
             row[m] = float(value) if value is not None and not pd.isna(value) else np.nan
         reason = run.get(f"tags.{REASON_TAG}")
@@ -317,8 +326,8 @@ def sweep_table(
             row["failure_reason"] = (row["failure_reason"]
                                      or "still RUNNING (in progress, or its process died)")
         rows.append(row)
-    columns = ["job", *[p.key for p in params], *METRICS, "status", "failure_reason",
-               "run_name", "run_id", "start_time"]
+    columns = ["job", *[p.key for p in params], *METRICS, *spreads, "status",
+               "failure_reason", "run_name", "run_id", "start_time"]
     table = pd.DataFrame(rows, columns=columns)
     if table.empty:
         return table.drop(columns="start_time").assign(best=pd.Series(dtype=bool))
@@ -385,13 +394,16 @@ def metric_figures(
     wanted = [(m, m.startswith("test/accuracy")) for m in ("test/accuracy", "test/loss")
               if m in table]
     name = {m: m.replace("/", "_") for m, _ in wanted}
+    # Jobs with replicas: each metric's spread across them, for the line plots' bands.
+    spreads = {m: f"{m}/std" if f"{m}/std" in table else None for m, _ in wanted}
     if sweeper != "basic" or not keys:
         # A search (Optuna): the objective per trial, in trial order.
         trials = table.assign(trial=table["job"])
         for m, higher in wanted:
             figures[f"{name[m]}.png"] = plots.plot_sweep_lines(
                 trials, "trial", m, failed_mask=failed, higher_is_better=higher,
-                title=f"final {m} per trial ({'higher' if higher else 'lower'} is better)")
+                title=f"final {m} per trial ({'higher' if higher else 'lower'} is better)",
+                spread=spreads[m])
         return figures, grids, notes
     agg = "mean" if _has_duplicates(table, keys[:3]) else None
     if agg:
@@ -402,7 +414,7 @@ def metric_figures(
     for m, higher in wanted:
         if len(keys) == 1:
             fig = plots.plot_sweep_lines(table, keys[0], m, failed_mask=failed,
-                                         higher_is_better=higher)
+                                         higher_is_better=higher, spread=spreads[m])
         elif len(keys) == 2:
             fig = plots.plot_sweep_heatmap(table, keys[0], keys[1], m, failed_mask=failed,
                                            higher_is_better=higher, agg=agg,
@@ -646,6 +658,9 @@ def build_report(
     if table.empty:
         report.notes.append("the sweep has no child runs")
         return report
+    if any(column.endswith("/std") for column in table.columns):
+        report.notes.append("jobs with replicas show mean ± standard deviation across them "
+                            "(the heatmaps and the best job use the means)")
     figures, grids, notes = metric_figures(table, keys, sweeper)
     report.figures.update(figures)
     report.grids.update(grids)

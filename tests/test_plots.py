@@ -611,6 +611,22 @@ def test_sweep_lines_seed_band():
     assert len(ax.collections) == 1  # +/- std band
 
 
+def test_sweep_lines_band_of_replicated_jobs_is_their_replicas_spread():
+    table = pd.DataFrame({"lr": [0.1, 0.2, 0.2], "acc": [0.8, 0.7, 0.9],
+                          "acc/std": [0.05, 0.01, 0.01]})
+    ax = plots.plot_sweep_lines(table, "lr", "acc", spread="acc/std").axes[0]
+    assert ax.collections[0].get_label() == "± 1 sd across seeds"
+    band = ax.collections[0].get_paths()[0].vertices
+    # lr 0.1: one job, its replicas' spread; lr 0.2: two jobs, their own spread.
+    at = {x: sorted(band[np.isclose(band[:, 0], x), 1]) for x in (0.1, 0.2)}
+    np.testing.assert_allclose([at[0.1][0], at[0.1][-1]], [0.75, 0.85])
+    sd = np.std([0.7, 0.9], ddof=1)
+    np.testing.assert_allclose([at[0.2][0], at[0.2][-1]], [0.8 - sd, 0.8 + sd])
+    # Without the spread column a lone job has no band.
+    ax = plots.plot_sweep_lines(table.iloc[:1], "lr", "acc").axes[0]
+    assert not ax.collections
+
+
 def test_small_multiples_one_axes_per_job_with_failed_marked(data2):
     X_tr, y_tr, _, _ = data2
     rows, cols = [[4], [8]], [0.01, 0.1, 1.0]

@@ -66,6 +66,23 @@ def test_table_rows_follow_the_sweep_order_with_values_parsed():
     assert list(table.columns[:3]) == ["job", "model.hidden_sizes", "optimizer.lr"]
 
 
+def test_jobs_with_replicas_show_mean_and_spread():
+    runs = _runs_frame(GRID)
+    runs["metrics.test/loss/std"] = [0.01 * (i + 1) for i in range(len(runs))]
+    runs["metrics.test/accuracy/std"] = 0.005
+    table = report.sweep_table(runs, SWEPT)
+    assert table.loc[3, "test/loss/std"] == pytest.approx(0.01)  # job 3 came first
+    rep = report.SweepReport(table=table, params=[p.key for p in SWEPT])
+    text = rep.text()
+    assert "0.1000 ± 0.0100" in text and "0.9500 ± 0.0050" in text, text
+    failed_row = next(line for line in text.splitlines() if "FAILED" in line)
+    assert "±" not in failed_row and " - " in failed_row  # a diverged job's values: "-"
+    plain = report.SweptParam("optimizer.lr", "1.0,0.1", [1.0, 0.1])
+    single = report.sweep_table(_runs_frame(GRID[:2]), [plain])
+    assert not [c for c in single.columns if c.endswith("/std")]
+    assert "±" not in report.SweepReport(table=single, params=[plain.key]).text()
+
+
 def test_search_table_rows_follow_the_trial_number():
     table = report.sweep_table(_runs_frame(GRID), SWEPT, sweeper="optuna")
     assert table["job"].tolist() == [0, 1, 2, 3, 4, 5]
