@@ -1129,11 +1129,14 @@ def _validate_trainer(t: Mapping[str, Any], d: Mapping[str, Any]) -> None:
     _int_at_least("trainer.replicas", t["replicas"], 1)
     lrs = t.get("replica_lrs")
     if lrs is not None:
-        if len(lrs) != t["replicas"] or any(not _is_num(v) or not 0 < v < math.inf for v in lrs):
+        if any(not _is_num(v) or not 0 < v < math.inf for v in lrs):
+            raise ConfigError("trainer.replica_lrs", list(lrs),
+                              "must be null or positive learning rates, one per replica")
+        if len(lrs) != t["replicas"]:
             raise ConfigError(
                 "trainer.replica_lrs", list(lrs),
-                f"must be null or {t['replicas']} positive learning rates, one per replica "
-                "(trainer.replicas)",
+                f"gives {len(lrs)} learning rate(s) for trainer.replicas={t['replicas']}: "
+                f"one per replica (or set trainer.replicas={len(lrs)})",
             )
     if t["progress"] not in ("auto", True, False) or _is_int(t["progress"]):
         raise ConfigError("trainer.progress", t["progress"], "must be auto, true or false")

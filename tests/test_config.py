@@ -357,6 +357,15 @@ def test_bad_input_is_one_line_naming_the_key(overrides, key):
     assert info.value.key == key
 
 
+def test_replica_lrs_of_the_wrong_length_say_how_to_fix_it():
+    with pytest.raises(ConfigError) as info:
+        load_config(["trainer.replica_lrs=[0.1,0.01,0.001]"])
+    assert str(info.value) == (
+        "trainer.replica_lrs=[0.1,0.01,0.001]: gives 3 learning rate(s) for "
+        "trainer.replicas=1: one per replica (or set trainer.replicas=3)")
+    load_config(["trainer.replicas=3", "trainer.replica_lrs=[0.1,0.01,0.001]"])  # accepted
+
+
 def test_config_error_format():
     err = ConfigError("optimizer.lr", -1.0, "must be a positive number")
     assert str(err) == "optimizer.lr=-1.0: must be a positive number"
