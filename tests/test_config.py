@@ -126,7 +126,7 @@ def test_help_lists_every_option_and_its_examples_work():
     examples = [ln for ln in lines if ln.startswith("python train.py ") and " -m " not in ln]
     assert examples
     for line in examples:
-        load_config(shlex.split(line)[2:])
+        load_config(shlex.split(line, comments=True)[2:])  # as a shell reads it
 
 
 # ------------------------------------------------------------------------------ groups
