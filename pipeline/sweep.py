@@ -656,9 +656,13 @@ def import_job_modules(tracked: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from PIL import Image
+
     import pipeline.app  # noqa: F401
     import pipeline.plots  # noqa: F401
     from pipeline.data import make_dataset
+
+    Image.init()  # Pillow's image plugins, which the first GIF written loads
 
     make_dataset("moons", n_samples=20)  # loads sklearn.datasets
     if tracked:

@@ -702,6 +702,16 @@ def test_warm_up_model_logging_builds_mlflows_package_map_without_a_store(tmp_pa
     assert list(tmp_path.iterdir()) == []  # no store, no mlruns
 
 
+def test_warm_up_model_logging_resolves_the_run_context_once():
+    """The context tags of a process's first run (its git commit, through GitPython) are
+    looked up by the warm-up, in a fresh process where nothing had done it."""
+    code = ("import sys; from pipeline import tracking; before = 'git' in sys.modules; "
+            "tracking.warm_up_model_logging(); print(before, 'git' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["False", "True"]
+
+
 def test_a_lost_dataset_insert_race_is_retried_and_links_the_existing_row(
     tracker, exp_id, uri, monkeypatch
 ):
