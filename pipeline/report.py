@@ -660,7 +660,8 @@ def build_report(
         return report
     if any(column.endswith("/std") for column in table.columns):
         report.notes.append("jobs with replicas show mean ± standard deviation across them "
-                            "(the heatmaps and the best job use the means)")
+                            "(the heatmaps and the best job use the means; a boundary "
+                            "panel shows replica 0, the job's logged model)")
     figures, grids, notes = metric_figures(table, keys, sweeper)
     report.figures.update(figures)
     report.grids.update(grids)
