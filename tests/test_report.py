@@ -204,6 +204,21 @@ def test_build_report_from_mlflow_alone(tmp_path, new_store):
     assert "loss became inf" in rep.text()
 
 
+def test_build_report_of_replicated_jobs_reads_their_spreads(tmp_path, new_store):
+    uri = new_store(tmp_path / "store")
+    experiment, parent = _fill_store(uri, tmp_path, with_models=False)
+    runs = tracking.search_runs(uri, [experiment], f"tags.{report.PARENT_TAG} = '{parent}'")
+    job3 = runs.loc[runs[f"tags.{report.TAG_JOB}"] == "3", "run_id"].item()
+    child = tracking.RunTracker.attach(uri, job3, spool_root=tmp_path / "spool")
+    child.log_metrics({"test/loss/std": 0.02}, step=3)
+    child.detach()
+    rep = report.build_report(uri, experiment, parent)
+    assert rep.table.loc[rep.table["job"] == 3, "test/loss/std"].item() == pytest.approx(0.02)
+    assert rep.table["test/loss/std"].isna().sum() == 5  # the other jobs have no replicas
+    assert any("replicas" in note for note in rep.notes)
+    assert "0.1000 ± 0.0200" in rep.text()
+
+
 def test_report_figures_are_drawn_once_for_mlflow_and_the_folder(tmp_path, new_store,
                                                                   monkeypatch):
     """A sweep writes its report to MLflow and next to Hydra's outputs: each figure is
