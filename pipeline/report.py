@@ -152,8 +152,8 @@ class SweepReport:
 
     def text(self, max_reason: int = 60) -> str:
         """The table for a terminal: swept values, accuracy, loss, status, reason."""
-        cols = ["job", *self.params, *[m for m in METRICS[:2] if m in self.table],
-                "status", "failure_reason", "best"]
+        cols = ["sweep", "job", *self.params, *[m for m in METRICS[:2] if m in self.table],
+                "status", "failure_reason", "best"]  # "sweep" when several are compared
         view = self.table[[c for c in cols if c in self.table]].copy()
         failed = view["status"] != OK_STATUS
         for m in METRICS[:2]:

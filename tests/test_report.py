@@ -284,6 +284,9 @@ def test_two_sweeps_in_one_table(tmp_path, new_store):
     _, second = _fill_store(uri, tmp_path, grid=GRID[2:4], with_models=False)
     rep = report.build_report(uri, experiment, [first, second], boundaries=False)
     assert len(rep.table) == 4 and "sweep" in rep.table.columns
+    header, *rows = rep.text().splitlines()
+    assert header.split()[:2] == ["sweep", "job"]  # the terminal says which sweep a row is
+    assert [row.split()[0] for row in rows] == ["sweep-test"] * 4
 
 
 def test_boundaries_find_every_jobs_logged_model_in_one_search(tmp_path, new_store,
