@@ -65,6 +65,9 @@ class RunResult:
     n_replicas : int
         Networks trained side by side (``trainer.replicas``); above 1 the metrics are
         their means, with the spreads under ``<key>/std``.
+    restored_epoch : int or None
+        With early stopping, the earlier epoch whose parameters the model keeps; the
+        metrics are that epoch's.
     """
 
     status: str
@@ -79,6 +82,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     spool_message: str | None = None
     n_replicas: int = 1
+    restored_epoch: int | None = None
 
     @property
     def objective(self) -> float | None:
@@ -287,7 +291,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
             )
 
     history = History()
-    replica_table = None
+    replica_history = None
     n_replicas = int(tcfg.get("replicas") or 1)
     replicas = replicas_from_config(model, n_replicas) if n_replicas > 1 else None
     # With replicas the pictures during training show their mean prediction.
@@ -342,7 +346,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
             timer.seconds["evaluation"] = trained.eval_seconds
             timer.seconds["callbacks"] = trained.callback_seconds
             if replicas is not None:
-                replica_table = trained.final_table()
+                replica_history = trained
     except DivergenceError as exc:
         status, reason, error = "FAILED", str(exc), exc
     except KeyboardInterrupt as exc:
@@ -354,18 +358,30 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         if bar is not None:
             bar.close()
 
+    metrics = history.last()
+    restored = history.restored_epoch(tcfg["patience"]) if status == "FINISHED" else None
+    if restored is not None:
+        # Early stopping kept the best epoch's parameters: the run's final metrics are that
+        # epoch's, logged once more after the last epoch so that MLflow's latest values (the
+        # sweep report's, the UI's) describe the model that is kept, as MLflow's own Keras
+        # autologging does.
+        metrics = history.at(restored)
+        if tracker is not None:
+            tracker.log_metrics({**metrics, "restored_epoch": restored},
+                                step=history.epochs[-1] + 1)
+    replica_table = replica_history.final_table(restored) if replica_history else None
     if tracker is not None:
         tracker.flush()  # the metrics can go now, while the plots are drawn
     if replicas is not None:
         # Replica 0 is the run replicas=1 would make: it stands for the run as its model.
         model.set_params(replicas.replica_params(0))
-    metrics = history.last()
     spool = None
     if tracker is not None:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
-                             before, animation, status, name, replicas, replica_table)
+                             before, animation, status, name, replicas, replica_table,
+                             final=metrics, restored=restored)
         except KeyboardInterrupt as exc:
             # A (second) Ctrl-C or a SIGTERM while saving: skip the remaining artifacts,
             # end the run with the metrics it has, and exit.
@@ -390,7 +406,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         experiment_id=tracker.experiment_id if tracker else None,
         tracking_uri=tracking_uri, reason=reason, timings=dict(timer.seconds),
         spool_message=tracker.spool_message if spool is not None else None,
-        n_replicas=n_replicas,
+        n_replicas=n_replicas, restored_epoch=restored,
     )
     if echo:
         _print_summary(result, name)
@@ -525,8 +541,10 @@ def _thread_limit(setting: object, parallel: bool) -> Iterator[None]:
 
 
 def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, before,
-                 animation, status, name, replicas=None, replica_table=None) -> None:
-    """Every artifact of the run, for the state the model reached."""
+                 animation, status, name, replicas=None, replica_table=None, *,
+                 final=None, restored=None) -> None:
+    """Every artifact of the run, for the state the model reached (``final``: its final
+    metrics, those of epoch ``restored`` when early stopping kept an earlier epoch)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -540,7 +558,8 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
         tracker.log_text(dataset.to_frame().to_csv(index=False), "data/dataset.csv")
         summary = {"status": status, "epochs_run": history.epochs[-1] if history.epochs else 0,
                    "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
-                   **history.last()}
+                   "restored_epoch": restored,
+                   **(history.last() if final is None else final)}
         tracker.log_dict(summary, "summary.json")
         if replica_table:
             import pandas as pd
@@ -602,6 +621,11 @@ def _print_summary(result: RunResult, name: str) -> None:
           f" epochs ({result.timings.get('train', 0.0):.2f} s training)")
     if parts:
         print("  " + ", ".join(parts))
+        if result.restored_epoch is not None:
+            epoch = result.restored_epoch
+            print(f"  (stopped early: no better test loss after epoch {epoch}, whose weights "
+                  "are kept and reported)" if result.history.stopped_early else
+                  f"  (epoch {epoch} had the best test loss: its weights are kept and reported)")
         if replicas:
             print(f"  (mean ± standard deviation over {replicas} replicas, seeds "
                   f"{result.model.seed}..{result.model.seed + replicas - 1})")

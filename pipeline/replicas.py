@@ -658,9 +658,10 @@ class ReplicaHistory(History):
 
     replicas: list[History] = field(default_factory=list)
 
-    def final_table(self) -> list[dict[str, float]]:
-        """Each replica's last metrics, one row per replica (``replica`` and ``seed``)."""
-        return [{"replica": k, **h.last()} for k, h in enumerate(self.replicas)]
+    def final_table(self, epoch: int | None = None) -> list[dict[str, float]]:
+        """Each replica's last metrics (or those of ``epoch``), one row per replica."""
+        return [{"replica": k, **(h.last() if epoch is None else h.at(epoch))}
+                for k, h in enumerate(self.replicas)]
 
 
 class _BoundReplicaSteps:

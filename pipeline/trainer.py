@@ -174,6 +174,21 @@ class History:
         """The most recent value of every metric."""
         return {key: values[-1] for key, values in self.metrics.items() if values}
 
+    def at(self, epoch: int) -> dict[str, float]:
+        """Every metric as evaluated after ``epoch`` (KeyError if it was not evaluated)."""
+        try:
+            i = self.epochs.index(epoch)
+        except ValueError:
+            raise KeyError(f"epoch {epoch} was not evaluated") from None
+        return {key: values[i] for key, values in self.metrics.items() if len(values) > i}
+
+    def restored_epoch(self, patience: int | None) -> int | None:
+        """The epoch whose parameters a run with early stopping (``patience``) ended on,
+        when it is not the last one evaluated: fit() keeps the best epoch's parameters."""
+        if patience is None or self.best_epoch is None or not self.epochs:
+            return None
+        return self.best_epoch if self.best_epoch != self.epochs[-1] else None
+
     def to_frame(self):
         """The history as a pandas DataFrame indexed by epoch."""
         import pandas as pd

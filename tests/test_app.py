@@ -305,6 +305,36 @@ def test_reason_of_a_failed_run_names_the_epoch(config):
 # ---------------------------------------------------------------------------- replicas
 
 
+def test_early_stopping_reports_the_epoch_whose_weights_are_kept(config, tracking_env, capsys):
+    from pipeline.losses import encode_targets, get_loss
+    from pipeline.trainer import evaluate
+
+    result = app.run(config("trainer.epochs=2000", "trainer.patience=5", *LIGHT), echo=True)
+    h = result.history
+    assert h.stopped_early and result.restored_epoch == h.best_epoch < h.epochs[-1]
+    kept = h.at(h.best_epoch)
+    assert kept["test/loss"] == min(h.metrics["test/loss"])
+    assert result.metrics == kept and result.objective == kept["test/loss"]
+    # The model is that epoch's: its test loss is the one reported.
+    ds, model = result.dataset, result.model
+    T = encode_targets(ds.y_test, model.n_outputs, dtype=model.dtype)
+    loss, _ = evaluate(model, model.check_input(ds.X_test), T, ds.y_test, get_loss(model.loss))
+    assert loss == pytest.approx(kept["test/loss"], rel=1e-6)
+    # MLflow's latest values are the kept epoch's, logged once more after the last epoch.
+    client = tracking_env.client()
+    latest = client.get_run(result.run_id).data.metrics
+    assert latest["test/loss"] == pytest.approx(kept["test/loss"])
+    assert latest["restored_epoch"] == h.best_epoch
+    steps = [m.step for m in client.get_metric_history(result.run_id, "test/loss")]
+    assert sorted(steps) == [*h.epochs, h.epochs[-1] + 1]
+    out = capsys.readouterr().out
+    assert f"no better test loss after epoch {h.best_epoch}, whose weights are kept" in out, out
+    # Without early stopping the last epoch is the run's.
+    plain = app.run(config("trainer.epochs=5", *LIGHT), echo=False)
+    assert plain.restored_epoch is None and plain.metrics == plain.history.last()
+    assert "restored_epoch" not in client.get_run(plain.run_id).data.metrics
+
+
 def test_replicated_run_logs_mean_spread_table_and_replica_plot(config, tracking_env, tmp_path):
     result = app.run(config("trainer.epochs=8", "trainer.replicas=3", *LIGHT), echo=False)
 

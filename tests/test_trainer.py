@@ -442,3 +442,17 @@ def test_empty_training_data_is_refused():
     with pytest.raises(ValueError, match="sample"):
         fit(MLP([2, 3, 1]), np.zeros((0, 2)), np.zeros(0), loss="bce", optimizer=_sgd(),
             epochs=1)
+
+
+def test_history_at_an_epoch_and_the_epoch_early_stopping_keeps():
+    h = History()
+    for epoch, loss in ((2, 0.5), (4, 0.3), (6, 0.4)):
+        h.append(epoch, {"test/loss": loss})
+    assert h.at(4) == {"test/loss": 0.3}
+    with pytest.raises(KeyError, match="epoch 3 was not evaluated"):
+        h.at(3)
+    h.best_epoch = 4
+    assert h.restored_epoch(patience=2) == 4
+    assert h.restored_epoch(patience=None) is None  # no early stopping: nothing restored
+    h.best_epoch = 6
+    assert h.restored_epoch(patience=2) is None  # the last epoch is the best
