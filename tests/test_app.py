@@ -202,14 +202,15 @@ def test_with_input_scaling_in_float32_stays_close(config):
 
 
 @pytest.mark.slow
-def test_exported_model_of_a_k_class_run_takes_raw_inputs(config, tracking_env):
+def test_exported_model_of_a_k_class_run_takes_raw_inputs(config, tracking_env, tmp_path):
     """The logged pyfunc model of a 4-class run: raw x1, x2 in, 4 probability columns out."""
     import mlflow
     import pandas as pd
 
     result = app.run(config("dataset=quadrants", "trainer.epochs=10",
                             "tracking.animation=false"), echo=False)
-    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model",
+                                     dst_path=str(tmp_path))
     ds = result.dataset
     raw = pd.DataFrame(ds.X_test_raw, columns=list(ds.feature_names))
     proba = model.predict(raw)

@@ -339,7 +339,7 @@ def test_artifacts_land_under_the_store_not_the_cwd(uri, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("n_out", "class_names"), [(1, None), (3, ["a", "b", "c"])])
-def test_pyfunc_model_round_trip(tracker, exp_id, uri, n_out, class_names):
+def test_pyfunc_model_round_trip(tracker, exp_id, uri, n_out, class_names, tmp_path):
     model = _model(n_out)
     X = _X()
     run_id = tracker.start(exp_id, "model")
@@ -348,7 +348,7 @@ def test_pyfunc_model_round_trip(tracker, exp_id, uri, n_out, class_names):
     assert model_uri == f"runs:/{run_id}/model"
     tracker.end()
     with tracking._global_tracking_uri(uri):
-        loaded = mlflow.pyfunc.load_model(model_uri)
+        loaded = mlflow.pyfunc.load_model(model_uri, dst_path=str(tmp_path))
     df = pd.DataFrame(X, columns=["f1", "f2"])
     out = loaded.predict(df)
     expected_cols = class_names or ["proba_0", "proba_1"]
@@ -512,7 +512,8 @@ def test_a_store_lost_right_after_the_run_is_created_keeps_its_params(
     assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [0.5]
 
 
-def test_spool_when_the_store_goes_away_then_upload(tracker, exp_id, uri, monkeypatch, caplog):
+def test_spool_when_the_store_goes_away_then_upload(tracker, exp_id, uri, monkeypatch, caplog,
+                                                    tmp_path):
     """Mid-run the client is pointed at a real closed port (the store "went away")."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     run_id = tracker.start(exp_id, "spooled", {"lr": 0.1})
@@ -549,7 +550,8 @@ def test_spool_when_the_store_goes_away_then_upload(tracker, exp_id, uri, monkey
     names = [a.path for a in client.list_artifacts(run_id, "notes")]
     assert names == ["notes/late.txt"]
     with tracking._global_tracking_uri(uri):
-        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model",
+                                          dst_path=str(tmp_path))
     np.testing.assert_array_equal(loaded.predict(pd.DataFrame(_X(), columns=["x1", "x2"])),
                                   model.predict_proba(_X()))
     assert not moved.exists()  # uploaded: removed
@@ -625,7 +627,8 @@ def test_real_server_receives_a_run(server, tmp_path):
     assert all(len(client.get_metric_history(run_id, k)) == 300 for k in METRICS)
     assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/remote.txt"]
     with tracking._global_tracking_uri(server.uri):
-        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model",
+                                          dst_path=str(tmp_path))
     np.testing.assert_array_equal(loaded.predict(pd.DataFrame(_X(), columns=["x1", "x2"])),
                                   model.predict_proba(_X()))
 
@@ -667,7 +670,8 @@ def test_models_serve_answers_invocations(tracker, exp_id, uri, tmp_path):
     tracker.end()
     port = _free_port()
     # `mlflow models serve` execs `uvicorn` found on PATH: the venv's bin must be on it.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+    # TMPDIR: the server downloads the model into a temporary directory it never removes.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen(

@@ -133,7 +133,7 @@ def test_a_run_through_the_service_records_what_an_in_process_run_records(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["toy"]
 
-    loaded = mlflow.pyfunc.load_model(f"runs:/{remote.run_id}/model")
+    loaded = mlflow.pyfunc.load_model(f"runs:/{remote.run_id}/model", dst_path=str(tmp_path))
     import pandas as pd
 
     out = loaded.predict(pd.DataFrame(X, columns=["x1", "x2"]))

@@ -250,7 +250,8 @@ def test_pyfunc_model_reproduces_in_process_predictions(default_run, in_process,
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", default_run.uri)
-    model = mlflow.pyfunc.load_model(f"runs:/{default_run.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{default_run.run_id}/model",
+                                     dst_path=str(tmp_path))
     assert model.metadata.get_input_schema().input_names() == ["x1", "x2"]
     assert model.metadata.get_output_schema().input_names() == ["proba_0", "proba_1"]
 
@@ -276,7 +277,9 @@ def test_mlflow_models_serve_answers_invocations(default_run, free_port, tmp_pat
     port = free_port()
     # As in an activated venv: the server execs `uvicorn` found on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": default_run.uri, "PATH": path}
+    # TMPDIR: the server downloads the model into a temporary directory it never removes.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": default_run.uri, "PATH": path,
+           "TMPDIR": str(tmp_path)}
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [MLFLOW_BIN, "models", "serve", "-m", f"runs:/{default_run.run_id}/model",
