@@ -541,8 +541,8 @@ def _thread_limit(setting: object, parallel: bool) -> Iterator[None]:
 
 
 def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, before,
-                 animation, status, name, replicas=None, replica_table=None, *,
-                 final=None, restored=None) -> None:
+                 animation, status, name, replicas, replica_table, *,
+                 final: Mapping[str, float], restored: int | None) -> None:
     """Every artifact of the run, for the state the model reached (``final``: its final
     metrics, those of epoch ``restored`` when early stopping kept an earlier epoch)."""
     import matplotlib
@@ -559,7 +559,7 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
         summary = {"status": status, "epochs_run": history.epochs[-1] if history.epochs else 0,
                    "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
                    "restored_epoch": restored,
-                   **(history.last() if final is None else final)}
+                   **final}
         tracker.log_dict(summary, "summary.json")
         if replica_table:
             import pandas as pd

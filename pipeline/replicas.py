@@ -960,7 +960,7 @@ def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array, loss: Loss,
     # scores_to_proba maps row by row, so the rows of several replicas go through it at
     # once; as many as Loss.values takes in one go.
     accuracy = np.empty(K)
-    step = max(1, loss.STACK_VALUES // max(n * c, 1))
+    step = loss.stack_group(n * c)
     for start in range(0, K, step):
         group = A[:, start : start + step].transpose(1, 2, 0)
         proba = scores_to_proba(group.reshape(-1, c), model.output_activation.name, loss.name)
