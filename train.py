@@ -6,8 +6,8 @@
     python train.py -m model.hidden_sizes='[4],[8],[16]' optimizer.lr=0.01,0.1
     python train.py +sweep=width_x_lr
 
-A thin shell: the config is composed by Hydra, checked by ``pipeline.config.validate``
-(before anything is trained or logged) and handed to ``pipeline.app``. A bad config
+A thin shell: the config is composed by Hydra, checked by ``pipeline.app.config.validate``
+(before anything is trained or logged) and handed to ``pipeline.app.job``. A bad config
 prints one line ``<key>=<value>: <what is allowed>`` on stderr and exits with status 2;
 a run that fails (divergence, an unreachable tracking server) prints one line and exits
 with 1; Ctrl-C and SIGTERM end the run KILLED and exit with 130 and 143. Set
@@ -24,21 +24,21 @@ import threading
 from typing import Any, TextIO
 
 if __name__ == "__main__":
-    # No garbage collection while the imports build the heap (pipeline.heap); the run
+    # No garbage collection while the imports build the heap (pipeline.app.heap); the run
     # freezes it and turns collection back on when it starts training.
-    from pipeline import heap
+    from pipeline.app import heap
 
     heap.pause()
     # First of all: a single run's tracking service starts importing MLflow in its own
     # process while this one imports Hydra, composes the config and makes the data.
-    from pipeline import tracking_service
+    from pipeline.tracking import service as tracking_service
 
     tracking_service.start_early(sys.argv[1:])
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.config import as_config_error, register_configs, validate  # noqa: E402
+from pipeline.app.config import as_config_error, register_configs, validate  # noqa: E402
 
 # The schemas must be in the ConfigStore before Hydra composes conf/config.yaml. Module
 # level, so that launchers running jobs in other processes (joblib, submitit) get them
@@ -59,8 +59,8 @@ def _run_error(exc: BaseException) -> str | None:
     Looked up in ``sys.modules``: if the exception came from there, the module is loaded.
     """
     kinds = [
-        getattr(sys.modules.get("pipeline.app"), "RunFailed", None),
-        getattr(sys.modules.get("pipeline.stores"), "TrackingUnavailable", None),
+        getattr(sys.modules.get("pipeline.app.job"), "RunFailed", None),
+        getattr(sys.modules.get("pipeline.tracking.stores"), "TrackingUnavailable", None),
     ]
     if any(kind is not None and isinstance(exc, kind) for kind in kinds):
         return " ".join(str(exc).split())
@@ -84,13 +84,13 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     _single_run = HydraConfig.get().mode.name == "RUN"
-    sweep = None if _single_run else sys.modules.get("pipeline.sweep")
+    sweep = None if _single_run else sys.modules.get("pipeline.app.sweep")
     if sweep is not None and sweep.launcher_interrupted():
         return None  # Ctrl-C reached the sweep: start no other job
     validate(cfg)
     # Imported lazily: a bad config fails fast without loading numpy/MLflow, and config
     # errors are reported even if the app cannot be imported.
-    from pipeline.app import main as app_main
+    from pipeline.app.job import main as app_main
 
     try:
         return app_main(cfg)
@@ -140,7 +140,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM outside a training job (composing, between the jobs of a sweep, while its
     report is made): handled like Ctrl-C, so exit hooks end open runs KILLED. (Left to
     the default action, SIGTERM ends the process at once and runs stay RUNNING forever.)
-    Inside a job :mod:`pipeline.app` installs its own handler."""
+    Inside a job :mod:`pipeline.app.job` installs its own handler."""
 
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         self.signum = int(signum)
@@ -172,13 +172,13 @@ def cli(argv: list[str] | None = None) -> int:
         main()
     except KeyboardInterrupt as exc:
         # Ctrl-C or SIGTERM: the run is already recorded KILLED with what it reached
-        # (pipeline.app); exit like a shell does for a signal, without a traceback.
+        # (pipeline.app.job); exit like a shell does for a signal, without a traceback.
         proxy.discard()
         if user_wants_traceback:
             raise
         signum = getattr(exc, "signum", signal.SIGINT)
         name = str(exc) or "SIGINT (Ctrl-C)"
-        sweep = sys.modules.get("pipeline.sweep")
+        sweep = sys.modules.get("pipeline.app.sweep")
         if sweep is not None:  # a sweep launched here: end its runs still RUNNING
             sweep.interrupted(name)
         print(f"interrupted by {name}; exiting", file=stderr)
@@ -224,7 +224,7 @@ if __name__ == "__main__":
         status = cli()
     finally:
         tracking_service.shutdown()  # its run is ended by now; let it exit
-    sweep = sys.modules.get("pipeline.sweep")
+    sweep = sys.modules.get("pipeline.app.sweep")
     if status > 128 or _single_run or (sweep is not None and sweep.ready_to_exit()):
         # The runs are recorded and flushed: skipping the interpreter's module teardown
         # saves a second or two. After a sweep only when its launcher left nothing running

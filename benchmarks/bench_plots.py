@@ -6,7 +6,7 @@
 What a default run draws (moons, 500 points, MLP [2, 16, 16, 1] tanh, Adam lr 0.01,
 300 epochs, 13 metrics per epoch, 40 animation frames on an 80 x 80 grid):
 
-- ``import``: ``import pipeline.plots`` (matplotlib with it), after the modules a run has
+- ``import``: ``import pipeline.viz.plots`` (matplotlib with it), after the modules a run has
   already imported (numpy, pandas, the engine);
 - ``anim_start``: the ``BoundaryAnimation`` and its epoch-0 frame;
 - ``before`` / ``after``: the boundary PNGs before and after training (200 x 200 grid);
@@ -24,8 +24,8 @@ of the shared machine hits both alike, and reports the median. The same process 
 repeats the work *warm* (``--warm`` times) to show the steady cost, e.g. in a notebook
 or a sweep worker that trains many models.
 
-The script uses only the public API of ``pipeline.plots`` and calls it the way that
-checkout's ``pipeline/app.py`` does, so it can time a checkout that predates it.
+The script uses only the public API of ``pipeline.viz.plots`` and calls it the way that
+checkout's ``pipeline/app/job.py`` does, so it can time a checkout that predates it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def _child(root: Path, warm: int) -> dict:
     sys.path.insert(0, str(root))
     import numpy as np
 
-    from pipeline.data import make_dataset
-    from pipeline.nn import MLP
-    from pipeline.optim import make_optimizer
-    from pipeline.trainer import History, fit
+    from pipeline.data.datasets import make_dataset
+    from pipeline.engine.loop import History, fit
+    from pipeline.engine.mlp import MLP
+    from pipeline.engine.optim import make_optimizer
 
     # Training happens before anything is timed; frames are replayed from snapshots.
     ds = make_dataset("moons", n_samples=500, noise=0.2, test_fraction=0.25, seed=0)
@@ -62,7 +62,7 @@ def _child(root: Path, warm: int) -> dict:
     initial = model.copy()
     history = History()
     # Every epoch's model (a few hundred numbers each): the frames are picked with
-    # frame_epochs later, as importing pipeline.plots now would spoil the cold timing.
+    # frame_epochs later, as importing pipeline.viz.plots now would spoil the cold timing.
     snapshots: dict[int, tuple] = {}
 
     def snap(epoch: int, metrics: dict) -> None:
@@ -76,7 +76,7 @@ def _child(root: Path, warm: int) -> dict:
     passes = [_one_pass(ds, initial, model, history, snapshots, out_dir, i)
               for i in range(1 + warm)]
     sizes = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.name.startswith("0-")}
-    import pipeline.plots as plots
+    import pipeline.viz.plots as plots
 
     return {"cold": passes[0], "warm": passes[1:], "sizes": sizes, "file": plots.__file__,
             "renderer": hasattr(plots, "BoundaryRenderer")}
@@ -109,7 +109,7 @@ def _one_pass(ds, initial, model, history, snapshots, out_dir: Path, i: int) -> 
     name = "moons-16x16-tanh-adam-lr0.01-s0"
 
     t.start()
-    import pipeline.plots as plots
+    import pipeline.viz.plots as plots
 
     t.stop("import")
     new = hasattr(plots, "BoundaryRenderer")
@@ -120,7 +120,7 @@ def _one_pass(ds, initial, model, history, snapshots, out_dir: Path, i: int) -> 
     t.stop("anim_start")
 
     t.start()
-    if new:  # as pipeline/app.py does since the renderer exists
+    if new:  # as pipeline/app/job.py does since the renderer exists
         boundary = plots.BoundaryRenderer(*data, **names)
         before = boundary.render(raw(initial), f"{name}: before training")
         plots.save_image(before, out_dir / f"{i}-before.png")

@@ -7,8 +7,8 @@ Run from the project root::
     python benchmarks/bench_replicas.py --evaluated   # with evaluation every epoch
 
 For each configuration it times, interleaved and repeated (median), one network trained
-by ``pipeline.trainer.fit`` and ``K`` replicas trained by
-``pipeline.replicas.fit_replicas`` (same data, epochs, batch size, Adam, float32, no
+by ``pipeline.engine.loop.fit`` and ``K`` replicas trained by
+``pipeline.fast.replicas.fit_replicas`` (same data, epochs, batch size, Adam, float32, no
 per-epoch evaluation or diagnostics), and prints the cost per network of the replicated
 run relative to the single one: 0.25 means each replica costs a quarter of a lone run.
 The issue's target is at most 0.5 on configurations 2 and 3. ``--evaluated`` evaluates
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import CONFIGS, Config, environment, make_data, run_ours  # noqa: E402
 
-from pipeline.optim import make_optimizer  # noqa: E402
-from pipeline.replicas import ReplicaMLP, fit_replicas  # noqa: E402
+from pipeline.engine.optim import make_optimizer  # noqa: E402
+from pipeline.fast.replicas import ReplicaMLP, fit_replicas  # noqa: E402
 
 
 def run_replicas(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int, k: int,

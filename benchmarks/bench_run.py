@@ -12,7 +12,7 @@ the machine hits them alike; medians are reported. Each way writes to its own fr
 SQLite store in a temporary directory (never the project's ``mlflow.db``).
 
 - **service**: ``python train.py`` as users run it; MLflow works in the tracking service
-  process (:mod:`pipeline.tracking_service`) while the run trains and draws.
+  process (:mod:`pipeline.tracking.service`) while the run trains and draws.
 - **in-process**: the same with ``BACKPROP_TRACKING_SERVICE=0``: MLflow in the training
   process, as before the service existed.
 - **untracked**: ``tracking=none`` (no MLflow, no plots): what the run costs without any

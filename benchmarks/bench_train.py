@@ -9,7 +9,7 @@ Every trainer runs in this one process on the same float32 data; the repeats are
 interleaved (ours, sklearn, torch, floor, ours, sklearn, ...) so that a slow spell of the
 machine hits them all alike, and the median of the repeats is reported.
 
-- **ours**: ``pipeline.trainer.fit`` with ``diagnostics=False`` and ``eval_every=epochs``
+- **ours**: ``pipeline.engine.loop.fit`` with ``diagnostics=False`` and ``eval_every=epochs``
   (no per-epoch evaluation; the one evaluation after the last epoch is included), float32,
   Adam, threads chosen by the trainer (``threads="auto"``).
 - **sklearn**: ``MLPClassifier`` with the same layers, activation, Adam and learning rate,
@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from pipeline.nn import MLP  # noqa: E402
-from pipeline.optim import make_optimizer  # noqa: E402
-from pipeline.trainer import blas_threads_for, fit  # noqa: E402
+from pipeline.engine.loop import blas_threads_for, fit  # noqa: E402
+from pipeline.engine.mlp import MLP  # noqa: E402
+from pipeline.engine.optim import make_optimizer  # noqa: E402
 
 try:  # optional peer
     import torch

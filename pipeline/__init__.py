@@ -1,35 +1,43 @@
 """backprop-pipeline: multi-layer perceptrons trained by hand-written backpropagation.
 
-The numerical core (``nn``, ``activations``, ``losses``, ``init``, ``optim``,
-``trainer``, ``gradcheck``) is plain numpy and can be used from a notebook::
+Where things live (start reading at ``pipeline/engine/mlp.py``):
 
-    from pipeline.nn import MLP
-    from pipeline.optim import make_optimizer
-    from pipeline.trainer import fit
+- ``pipeline.engine``: the math, numpy and the standard library only. The MLP and its
+  backward pass, activations, losses, initialisers, optimisers, the training loop,
+  gradient checking and a scalar autodiff. What a student opens.
+- ``pipeline.fast``: the same math made fast (replicas trained side by side).
+- ``pipeline.data``: the datasets (scikit-learn generators, CSV), split and standardised.
+- ``pipeline.estimators``: scikit-learn compatible estimators around the engine.
+- ``pipeline.app``: the Hydra edge: config schema, one job, sweeps.
+- ``pipeline.tracking``: MLflow, and the only package that imports it.
+- ``pipeline.viz``: figures and the sweep report.
+
+From a notebook::
+
+    from pipeline import MLP, fit, make_optimizer
 
     model = MLP([2, 16, 16, 1], activation="tanh", output="sigmoid", seed=0)
     history = fit(model, X, y, loss="bce", optimizer=make_optimizer("adam", lr=0.01),
                   epochs=300)
-
-Hydra and MLflow stay at the edge (``train.py``, ``pipeline.app``, ``pipeline.tracking``).
 """
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "MLPClassifier"]
+
+_EXPORTS = {
+    "MLP": "pipeline.engine.mlp",
+    "fit": "pipeline.engine.loop",
+    "make_optimizer": "pipeline.engine.optim",
+    "make_dataset": "pipeline.data.datasets",
+    "MLPClassifier": "pipeline.estimators",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
-    # Loaded when asked for: the estimator imports sklearn, and even numpy is worth not
-    # importing before train.py has started its tracking service (pipeline.tracking_service).
-    if name == "MLP":
-        from pipeline.nn import MLP
+    # Loaded when asked for: the estimator imports scikit-learn, and `import pipeline`
+    # from train.py should cost nothing before the work starts.
+    if name in _EXPORTS:
+        import importlib
 
-        return MLP
-    if name == "MLPClassifier":
-        from pipeline.estimator import MLPClassifier
-
-        return MLPClassifier
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-
-
-__all__ = ["MLP", "MLPClassifier", "__version__"]

@@ -5,7 +5,7 @@ no test writes ``mlflow.db``, ``mlruns/``, ``outputs/`` or ``multirun/`` into th
 
 - ``compose(*overrides)`` / ``config(*overrides)``: ``conf/`` composed by Hydra's
   ``initialize_config_dir`` exactly as ``train.py`` would, validated; ``config`` gives the
-  plain resolved dict that :func:`pipeline.app.run` takes.
+  plain resolved dict that :func:`pipeline.app.job.run` takes.
 - ``new_store(directory)``: a fresh, already migrated SQLite store (a copy of one migrated
   once per session: migrating a new ``mlflow.db`` costs seconds). Returns its URI.
 - ``tracking_env``: a store under ``tmp_path`` with ``MLFLOW_TRACKING_URI`` set to it for
@@ -48,7 +48,7 @@ def compose() -> Callable[..., object]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pipeline.config import register_configs, validate
+    from pipeline.app.config import register_configs, validate
 
     register_configs()
 
@@ -64,7 +64,7 @@ def compose() -> Callable[..., object]:
 
 @pytest.fixture
 def config(compose) -> Callable[..., dict]:
-    """``config(*overrides)`` -> the plain resolved dict ``pipeline.app.main`` hands to ``run``."""
+    """``config(*overrides)`` -> the plain dict ``pipeline.app.job.main`` hands to ``run``."""
     from omegaconf import OmegaConf
 
     def _config(*overrides: str) -> dict:

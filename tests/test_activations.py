@@ -1,4 +1,4 @@
-"""pipeline.activations: every registered function against its closed form, its backward
+"""pipeline.engine.activations: every registered function against its closed form, its backward
 rule against a numerical derivative, and numerical stability out to |z| = 1e4.
 
 The tests are parametrised over ``ACTIVATIONS``; a new entry must add its closed form to
@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 
-from pipeline.activations import (
+from pipeline.engine.activations import (
     ACTIVATIONS,
     HIDDEN_ACTIVATIONS,
     OUTPUT_ACTIVATIONS,
@@ -273,7 +273,7 @@ def test_non_numeric_parameters_are_refused_with_value_error(value):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_row_reduce_equals_numpy_reduction_bit_for_bit(dtype, order):
-    from pipeline.activations import row_reduce
+    from pipeline.engine.activations import row_reduce
 
     rng = np.random.default_rng(3)
     for k in range(1, 12):

@@ -1,4 +1,4 @@
-"""pipeline.app in-process: RunResult, model sizing, loss resolution, raw-input export,
+"""pipeline.app.job in-process: RunResult, model sizing, loss resolution, raw-input export,
 divergence and failures recorded in a throw-away MLflow store.
 
 Configs come from ``conf/`` composed as ``train.py`` composes them (``config`` fixture);
@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import app
-from pipeline.app import RunFailed, RunResult, build_model
-from pipeline.config import dataset_kwargs
-from pipeline.data import make_dataset
-from pipeline.nn import MLP
-from pipeline.trainer import DivergenceError, History
+from pipeline.app import job as app
+from pipeline.app.config import dataset_kwargs
+from pipeline.app.job import RunFailed, RunResult, build_model
+from pipeline.data.datasets import make_dataset
+from pipeline.engine.loop import DivergenceError, History
+from pipeline.engine.mlp import MLP
 
 #: Diverges at a small, fixed epoch (> 1, so some metrics exist before it): unbounded
 #: ReLU/identity network, MSE, plain SGD with a large step.
@@ -50,7 +50,7 @@ def test_a_parallel_sweeps_job_keeps_to_one_blas_thread_throughout(config, monke
     """Not only its training: the data, evaluation and pictures of a job in a parallel
     sweep use one BLAS thread (the other cores run other jobs); the setting is restored
     after the run, and a job outside a parallel sweep keeps what it had."""
-    from pipeline.trainer import blas_threads, current_blas_threads
+    from pipeline.engine.loop import blas_threads, current_blas_threads
 
     seen: list[int | None] = []
     make = app.make_dataset
@@ -307,8 +307,8 @@ def test_reason_of_a_failed_run_names_the_epoch(config):
 
 
 def test_early_stopping_reports_the_epoch_whose_weights_are_kept(config, tracking_env, capsys):
-    from pipeline.losses import encode_targets, get_loss
-    from pipeline.trainer import evaluate
+    from pipeline.engine.loop import evaluate
+    from pipeline.engine.losses import encode_targets, get_loss
 
     result = app.run(config("trainer.epochs=2000", "trainer.patience=5", *LIGHT), echo=True)
     h = result.history

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.autodiff import (
+from pipeline.engine.autodiff import (
     Dual,
     Value,
     demo_reverse_vs_forward,

@@ -1,7 +1,7 @@
-"""Tests of the config tree (conf/), its schema and validate() (pipeline/config.py), train.py.
+"""Tests of the config tree (conf/), its schema and validate() (pipeline/app/config.py), train.py.
 
 Most tests compose the real ``conf/`` in-process with Hydra's compose API
-(``pipeline.config.load_config``); two run the real ``python train.py`` with a bad
+(``pipeline.app.config.load_config``); two run the real ``python train.py`` with a bad
 override and check the one-line error, the exit status and that nothing was tracked.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.config import (
+from pipeline.app.config import (
     CONF_DIR,
     DATASET_SCHEMAS,
     OPTIMIZER_SCHEMAS,
@@ -142,18 +142,18 @@ def test_every_group_option_composes_and_validates(group, option):
 
 
 def test_dataset_options_match_the_registry():
-    data = pytest.importorskip("pipeline.data")
+    data = pytest.importorskip("pipeline.data.datasets")
     assert set(options("dataset")) == set(data.DATASETS) == set(DATASET_SCHEMAS)
 
 
 def test_optimizer_options_match_the_registry():
-    optim = pytest.importorskip("pipeline.optim")
+    optim = pytest.importorskip("pipeline.engine.optim")
     assert set(options("optimizer")) == set(optim.OPTIMIZERS) == set(OPTIMIZER_SCHEMAS)
 
 
 @pytest.mark.parametrize("name", options("optimizer"))
 def test_optimizer_yaml_holds_the_engine_hyperparameters(name):
-    optim = pytest.importorskip("pipeline.optim")
+    optim = pytest.importorskip("pipeline.engine.optim")
     cfg = load_config([f"optimizer={name}"])
     common = {"name", "lr", "weight_decay", "l1", "schedule", "schedule_params"}
     hyper = set(cfg.optimizer) - common
@@ -166,7 +166,7 @@ def test_optimizer_yaml_holds_the_engine_hyperparameters(name):
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_yaml_is_accepted_by_make_dataset(name):
-    data = pytest.importorskip("pipeline.data")
+    data = pytest.importorskip("pipeline.data.datasets")
     cfg = load_config([f"dataset={name}"])
     ds = data.make_dataset(name, **dataset_kwargs(cfg))
     k = expected_classes(cfg.dataset)
@@ -448,7 +448,7 @@ def test_csv_dataset_with_a_file_of_our_own(tmp_path):
 
 
 def test_every_hidden_activation_is_accepted(default_cfg):
-    activations = pytest.importorskip("pipeline.activations")
+    activations = pytest.importorskip("pipeline.engine.activations")
     load_config(["model.activation=relu"])
     for name, act in activations.ACTIVATIONS.items():
         cfg = changed(default_cfg, model__activation=name)
@@ -461,8 +461,8 @@ def test_every_hidden_activation_is_accepted(default_cfg):
 
 
 def test_every_initialiser_and_schedule_is_accepted(default_cfg):
-    init = pytest.importorskip("pipeline.init")
-    optim = pytest.importorskip("pipeline.optim")
+    init = pytest.importorskip("pipeline.engine.init")
+    optim = pytest.importorskip("pipeline.engine.optim")
     for name in init.INITIALIZERS:
         validate(changed(default_cfg, model__init=name))
     for name in optim.SCHEDULES:
@@ -473,8 +473,8 @@ def test_every_initialiser_and_schedule_is_accepted(default_cfg):
 
 @pytest.mark.parametrize("dataset", ["moons", "blobs"])
 def test_loss_output_fit_agrees_with_the_engine(dataset):
-    losses = pytest.importorskip("pipeline.losses")
-    activations = pytest.importorskip("pipeline.activations")
+    losses = pytest.importorskip("pipeline.engine.losses")
+    activations = pytest.importorskip("pipeline.engine.activations")
     base = load_config([f"dataset={dataset}"])
     k = expected_classes(base.dataset)
     for output in ["auto", *activations.ACTIVATIONS]:
@@ -581,7 +581,7 @@ def test_train_py_composition_error_and_full_error_switch(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_bad_csv_is_one_line_and_tracks_nothing(tmp_path):
-    # Caught by pipeline.data when the app loads the file, before any MLflow run starts.
+    # Caught by pipeline.data.datasets when the app loads the file, before any MLflow run starts.
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b,label\n1,2,x\n3,oops,y\n4,5,x\n6,7,y\n")
     proc = _run_train(tmp_path, "dataset=csv", f"dataset.path={bad}")

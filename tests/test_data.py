@@ -1,4 +1,4 @@
-"""Tests for pipeline.data: generators, splits, standardisation, CSV loading, bad input."""
+"""Tests for pipeline.data.datasets: generators, splits, standardisation, CSV loading, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data import (
+from pipeline.data.datasets import (
     DATASETS,
     Dataset,
     load_csv,

@@ -1,4 +1,4 @@
-"""pipeline.estimator.MLPClassifier against scikit-learn's estimator contract.
+"""pipeline.estimators.MLPClassifier against scikit-learn's estimator contract.
 
 scikit-learn's own ``check_estimator`` suite runs on several configurations (binary and
 multi-class heads, mini-batch SGD, early stopping, float32, hinge, warm start); the rest
@@ -23,9 +23,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import pipeline
-from pipeline.estimator import MLPClassifier
-from pipeline.nn import MLP
-from pipeline.optim import Optimizer
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import Optimizer
+from pipeline.estimators import MLPClassifier
 
 # ----------------------------------------------------------------- scikit-learn's checks
 
@@ -445,7 +445,7 @@ def test_nan_and_wrong_width_are_refused(moons):
 
 
 def test_divergence_is_reported():
-    from pipeline.trainer import DivergenceError
+    from pipeline.engine.loop import DivergenceError
 
     X, y = make_moons(n_samples=50, random_state=0)
     with warnings.catch_warnings():

@@ -14,11 +14,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, get_activation
-from pipeline.losses import LOSSES, get_loss
-from pipeline.nn import MLP, RULES_WITHOUT_Z
-from pipeline.optim import OPTIMIZERS, make_optimizer
-from pipeline.trainer import (
+from pipeline.engine.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, get_activation
+from pipeline.engine.loop import (
     PARALLEL_MIN_MACS,
     DivergenceError,
     blas_threads,
@@ -26,6 +23,9 @@ from pipeline.trainer import (
     current_blas_threads,
     fit,
 )
+from pipeline.engine.losses import LOSSES, get_loss
+from pipeline.engine.mlp import MLP, RULES_WITHOUT_Z
+from pipeline.engine.optim import OPTIMIZERS, make_optimizer
 
 
 def _data(n: int = 90, d: int = 3, k: int = 2, seed: int = 0):
@@ -107,7 +107,7 @@ def test_fast_gradient_equals_reference(activation, output, loss, units, bias):
 def fold_everything(monkeypatch):
     """Make every column-major workspace fold its biases into the products, with the
     backward rules run on blocks of 2 columns (a ragged last block on odd widths)."""
-    import pipeline.nn as nn_module
+    import pipeline.engine.mlp as nn_module
 
     monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 0)
     monkeypatch.setattr(nn_module, "FOLD_BLOCK_ELEMENTS", 400)
@@ -322,7 +322,7 @@ def test_programs_equal_the_in_place_kernels(name, dtype, order):
 def test_relu_backward_is_the_straightforward_mask(dtype, shape):
     # Small arrays take ceil(fmin(a, 1)), large ones the comparison: both must give
     # grad * (z > 0), also at 0, -0, denormals, the largest floats and (z, a) in place.
-    from pipeline.activations import RELU_CEIL_MAX_SIZE
+    from pipeline.engine.activations import RELU_CEIL_MAX_SIZE
 
     assert (shape[0] * shape[1] <= RELU_CEIL_MAX_SIZE) == (shape == (64, 32))
     act = ACTIVATIONS["relu"]
@@ -384,7 +384,7 @@ def test_unfolded_bias_workspace_equals_reference(monkeypatch, activation, outpu
                                                   units):
     # Biases added after the products instead of folded into them (the path a model takes
     # below FOLD_MIN_ELEMENTS).
-    import pipeline.nn as nn_module
+    import pipeline.engine.mlp as nn_module
 
     monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
     rng = np.random.default_rng(9)
@@ -401,7 +401,7 @@ def test_unfolded_bias_workspace_equals_reference(monkeypatch, activation, outpu
 
 
 def test_workspace_buffers_are_aligned_column_major_views_of_one_block():
-    from pipeline.nn import _arena
+    from pipeline.engine.mlp import _arena
 
     class Owner:
         pass
@@ -438,7 +438,7 @@ def test_a_workspace_does_not_keep_its_model_alive():
 
 
 def test_memory_of_a_dead_workspace_is_reused_and_never_shared():
-    from pipeline.nn import _SPARE_BLOCKS
+    from pipeline.engine.mlp import _SPARE_BLOCKS
 
     X, y = _data(n=300)
     loss = get_loss("bce")
@@ -469,7 +469,7 @@ def test_bound_step_programs_train_like_the_reference(monkeypatch, optimizer, ba
                                                       penalties):
     # Without diagnostics (and between evaluations) the trainer runs each step as one
     # list of bound calls, the model's and the optimiser's (Adam's own, the others' _step).
-    import pipeline.nn as nn_module
+    import pipeline.engine.mlp as nn_module
 
     built = []
     original = nn_module._Workspace.train_program
@@ -563,7 +563,7 @@ def test_penalties_keep_the_model_order(monkeypatch):
 
 
 def test_packed_order_gives_each_layer_one_block():
-    from pipeline.nn import packed_blocks, packed_order
+    from pipeline.engine.mlp import packed_blocks, packed_order
 
     model = MLP([3, 4, 2], seed=0)
     packed = model.params[packed_order(model)]
@@ -605,7 +605,7 @@ ALIAS_PAIRS = [("sigmoid", "bce"), ("softmax", "cross_entropy"), ("identity", "m
 
 @pytest.fixture
 def long_batches(monkeypatch):
-    import pipeline.nn as nn_module
+    import pipeline.engine.mlp as nn_module
 
     monkeypatch.setattr(nn_module, "FOLD_BLOCK_ELEMENTS", 100)
 
@@ -645,7 +645,7 @@ def test_gradients_in_dead_buffers_equal_the_reference(long_batches, activation,
 def test_gradients_in_dead_buffers_with_unfolded_biases(monkeypatch, long_batches, activation,
                                                         sizes):
     # Biases added after the products (no ones column), the layout of FOLD_MIN_ELEMENTS.
-    import pipeline.nn as nn_module
+    import pipeline.engine.mlp as nn_module
 
     monkeypatch.setattr(nn_module, "FOLD_MIN_ELEMENTS", 10**9)
     model = MLP(sizes, activation=activation, output="identity", seed=2)
@@ -750,7 +750,7 @@ def test_training_with_gradients_in_dead_buffers_equals_reference(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_rule_in_place_equals_the_blocked_rule(dtype):
-    from pipeline.nn import _blocked_relu_in_place, _blocked_rule
+    from pipeline.engine.mlp import _blocked_relu_in_place, _blocked_rule
 
     rng = np.random.default_rng(0)
     n, w = 30, 7
@@ -805,7 +805,7 @@ def _assert_steps_equal_reference(model, X, T, L, *, steps: int, step_size: floa
 
 def _record_packed_epochs(monkeypatch) -> list[bool]:
     """A list that gets, for each fast-path epoch, whether it ran on the packed copy."""
-    import pipeline.trainer as trainer_module
+    import pipeline.engine.loop as trainer_module
 
     used: list[bool] = []
     original = trainer_module._BoundSteps.epoch

@@ -1,11 +1,11 @@
-"""pipeline.gradcheck: the finite-difference check, its verdicts, and the demonstrations."""
+"""pipeline.engine.gradcheck: the finite-difference check, its verdicts, and the demonstrations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.gradcheck import (
+from pipeline.engine.gradcheck import (
     GradcheckResult,
     cost_vs_params,
     finite_difference_grad,
@@ -13,7 +13,7 @@ from pipeline.gradcheck import (
     relative_error,
     three_ways_demo,
 )
-from pipeline.nn import MLP
+from pipeline.engine.mlp import MLP
 
 
 def _problem(sizes, output="sigmoid", seed=0, n=8):

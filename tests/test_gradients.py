@@ -1,15 +1,15 @@
-"""Backpropagation in pipeline.nn against two independent gradients, for every valid model.
+"""Backpropagation in pipeline.engine.mlp against two independent gradients, for every valid model.
 
 For every hidden activation x output activation x loss x bias/no-bias combination that the
 registries allow (a new activation or loss is tested by being registered), on random
 shapes from a seeded grid, ``MLP.loss_and_grads`` must match
 
 * central finite differences in float64: relative error < 1e-6 per tensor, and
-* the scalar reverse-mode autodiff oracle (``pipeline.autodiff.mlp_loss_oracle``), which
+* the scalar reverse-mode autodiff oracle (``pipeline.engine.autodiff.mlp_loss_oracle``), which
   builds the same network from scalar nodes and shares no code with the engine:
   relative error < 1e-9 per tensor.
 
-Relative error is ``max|a - b| / max(|a| + |b|)`` per tensor (``pipeline.gradcheck``).
+Relative error is ``max|a - b| / max(|a| + |b|)`` per tensor (``pipeline.engine.gradcheck``).
 Run with ``-s`` to print the largest errors measured per activation and per loss.
 """
 
@@ -21,11 +21,11 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipeline.activations import ACTIVATIONS
-from pipeline.autodiff import demo_reverse_vs_forward, mlp_loss_oracle
-from pipeline.gradcheck import gradcheck, relative_error
-from pipeline.losses import LOSSES, get_loss
-from pipeline.nn import MLP
+from pipeline.engine.activations import ACTIVATIONS
+from pipeline.engine.autodiff import demo_reverse_vs_forward, mlp_loss_oracle
+from pipeline.engine.gradcheck import gradcheck, relative_error
+from pipeline.engine.losses import LOSSES, get_loss
+from pipeline.engine.mlp import MLP
 
 FD_TOL = 1e-6
 ORACLE_TOL = 1e-9

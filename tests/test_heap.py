@@ -1,4 +1,4 @@
-"""pipeline.heap: the collector paused during start-up imports, then the heap frozen."""
+"""pipeline.app.heap: the collector paused during start-up imports, then the heap frozen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from pipeline import heap
+from pipeline.app import heap
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_pause_then_settle_freezes_what_is_alive_and_collects_again(restore_gc):
 
 
 def test_a_run_settles_a_paused_heap(config, restore_gc):
-    from pipeline import app
+    from pipeline.app import job as app
 
     frozen = gc.get_freeze_count()
     heap.pause()
@@ -63,7 +63,7 @@ def test_a_sweep_settles_a_paused_heap_before_its_jobs(tmp_path, restore_gc, lau
     # a long sweep would otherwise keep everything its jobs and Hydra leave behind.
     from omegaconf import OmegaConf
 
-    from pipeline import sweep
+    from pipeline.app import sweep
 
     target = sweep.BASIC_LAUNCHER if launcher == "basic" else "x.SubmititLauncher"
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)},

@@ -1,4 +1,4 @@
-"""pipeline.init: each initialiser's empirical spread against its formula, determinism,
+"""pipeline.engine.init: each initialiser's empirical spread against its formula, determinism,
 zero biases. Parametrised over ``INITIALIZERS``: a new entry must add its formula to
 ``FORMULAS``.
 """
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.init import INITIALIZERS, get_initializer
-from pipeline.nn import MLP
+from pipeline.engine.init import INITIALIZERS, get_initializer
+from pipeline.engine.mlp import MLP
 
 # name -> (distribution, scale(fan_in, fan_out)): the std of a normal, the limit of a
 # symmetric uniform.

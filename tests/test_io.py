@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import FORMAT_NAME, FORMAT_VERSION, load_model, save_model
-from pipeline.nn import MLP
+from pipeline.engine.mlp import MLP
+from pipeline.tracking.model_files import FORMAT_NAME, FORMAT_VERSION, load_model, save_model
 
 BAD = "is not a valid backprop-pipeline model"
 

@@ -1,4 +1,4 @@
-"""pipeline.losses: values on hand-computed examples, stability of the logit forms, the
+"""pipeline.engine.losses: values on hand-computed examples, stability of the logit forms, the
 fused output deltas against the general chain rule, output/loss compatibility and the
 target encoding.
 
@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.activations import ACTIVATIONS, sigmoid, softmax
-from pipeline.losses import (
+from pipeline.engine.activations import ACTIVATIONS, sigmoid, softmax
+from pipeline.engine.losses import (
     LOSSES,
     Loss,
     default_loss,
@@ -23,7 +23,7 @@ from pipeline.losses import (
     get_loss,
     scores_to_proba,
 )
-from pipeline.nn import MLP
+from pipeline.engine.mlp import MLP
 
 LN2 = math.log(2.0)
 

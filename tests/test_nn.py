@@ -1,4 +1,4 @@
-"""pipeline.nn.MLP: parameter layout, argument checking, construction from arrays, config
+"""pipeline.engine.mlp.MLP: parameter layout, argument checking, construction from arrays, config
 round trips, prediction and precision.
 
 Gradient correctness is tested in tests/test_gradients.py (finite differences and the
@@ -13,8 +13,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.activations import HIDDEN_ACTIVATIONS
-from pipeline.nn import MLP
+from pipeline.engine.activations import HIDDEN_ACTIVATIONS
+from pipeline.engine.mlp import MLP
 
 SIZES = [3, 5, 4, 2]
 
@@ -104,7 +104,7 @@ def test_forward_layers(model, data):
 def test_forward_in_blocks_covers_every_row_in_order(monkeypatch, n):
     """Long inputs go through forward in blocks of rows (here forced down to 8 rows of
     the widest layer): every row's output is the one-pass output of that row."""
-    import pipeline.nn as nn
+    import pipeline.engine.mlp as nn
 
     model = MLP([3, 16, 5, 4], activation=["tanh", "relu"], output="softmax", seed=1,
                 dtype=np.float64)
@@ -371,7 +371,7 @@ def test_a_workspace_block_given_back_under_the_lock_waits_for_the_next_take():
     # to deadlock. The block must instead wait for, and be reused by, the next take().
     import threading
 
-    from pipeline.nn import _SpareBlocks
+    from pipeline.engine.mlp import _SpareBlocks
 
     class Owner:
         pass
@@ -401,7 +401,7 @@ def test_a_large_workspace_block_is_reused_by_the_next_model_until_released():
     # release_spare_memory() must give it back.
     import gc
 
-    from pipeline.nn import _SPARE_BLOCKS, _arena, release_spare_memory
+    from pipeline.engine.mlp import _SPARE_BLOCKS, _arena, release_spare_memory
 
     class Owner:
         pass

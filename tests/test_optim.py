@@ -1,4 +1,4 @@
-"""Tests for pipeline.optim: every optimiser against a straightforward reference.
+"""Tests for pipeline.engine.optim: every optimiser against a straightforward reference.
 
 Parametrised over OPTIMIZERS / SCHEDULES so a new entry is tested by being registered
 (the reference below then needs its rule too, and says so when it is missing).
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
+from pipeline.engine.optim import OPTIMIZERS, SCHEDULES, Optimizer, make_optimizer, make_schedule
 
 NAMES = sorted(OPTIMIZERS)
 

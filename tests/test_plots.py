@@ -1,4 +1,4 @@
-"""Tests for pipeline.plots against analytic models whose probabilities are known exactly."""
+"""Tests for pipeline.viz.plots against analytic models whose probabilities are known exactly."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import plots  # noqa: E402
+from pipeline.viz import plots  # noqa: E402
 
 # ------------------------------------------------------------------------------ models
 

@@ -2,7 +2,7 @@
 concurrent writers, an unreachable or dying tracking server, tampered model files,
 determinism, and a sweep with a bad job (issue 6).
 
-Everything runs the real ``python train.py`` in subprocesses (or ``pipeline.app.run`` where
+Everything runs the real ``python train.py`` in subprocesses (or ``pipeline.app.job.run`` where
 a subprocess adds nothing), against real SQLite stores in ``tmp_path`` and real
 ``mlflow server`` processes; no mocks. Every process a test starts is stopped by its pid.
 Measured times are printed (``pytest -s``) so the closing note can quote them.
@@ -350,7 +350,7 @@ def test_divergence_through_train_py_ends_failed_with_what_it_reached(
 @pytest.mark.parametrize("eval_every", [1, 10])
 def test_divergence_is_detected_in_the_epoch_it_appears(config, eval_every):
     """The epoch named must not depend on how often the run is evaluated."""
-    from pipeline import app
+    from pipeline.app import job as app
 
     def diverged_at(every: int) -> int:
         cfg = config("tracking=none", "trainer.epochs=60", *DIVERGING, "optimizer.lr=100",
@@ -755,8 +755,8 @@ def logged_run(tmp_path_factory, new_store):
     """One short tracked run (in-process), its store and the run id."""
     from omegaconf import OmegaConf
 
-    from pipeline import app
-    from pipeline.config import load_config
+    from pipeline.app import job as app
+    from pipeline.app.config import load_config
 
     base = tmp_path_factory.mktemp("logged")
     uri = new_store(base / "store")
@@ -781,7 +781,7 @@ def test_tampered_weights_through_pyfunc_give_a_clear_error(logged_run, tmp_path
     import io
     import zipfile
 
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     local = tracking.download_artifact(logged_run.uri, logged_run.run_id, "model", tmp_path)
     weights = local / "artifacts" / "weights.npz"
@@ -818,7 +818,7 @@ def test_tampered_weights_through_pyfunc_give_a_clear_error(logged_run, tmp_path
 def test_same_config_and_seed_give_bit_identical_metrics(config, tracking_env):
     """float64, mini-batches (shuffled with the seed), two runs logged to one store: every
     metric history read back from MLflow is identical, bit for bit, as are the weights."""
-    from pipeline import app
+    from pipeline.app import job as app
 
     cfg = config("trainer.dtype=float64", "trainer.batch_size=32", "trainer.epochs=15",
                  "trainer.seed=7", "dataset.seed=3", "model.activation=[relu,tanh]",

@@ -7,10 +7,11 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.losses import Loss
-from pipeline.nn import MLP
-from pipeline.optim import make_optimizer
-from pipeline.replicas import (
+from pipeline.engine.loop import SATURATION_THRESHOLD, DivergenceError, StopTraining, fit
+from pipeline.engine.losses import Loss
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import make_optimizer
+from pipeline.fast.replicas import (
     ReplicaHistory,
     ReplicaMLP,
     _ReplicaWorkspace,
@@ -18,7 +19,6 @@ from pipeline.replicas import (
     fit_replicas,
     replicas_from_config,
 )
-from pipeline.trainer import SATURATION_THRESHOLD, DivergenceError, StopTraining, fit
 
 K = 3
 

@@ -1,8 +1,8 @@
-"""pipeline.report: a sweep's table and figures rebuilt from MLflow alone.
+"""pipeline.viz.report: a sweep's table and figures rebuilt from MLflow alone.
 
-A store under ``tmp_path`` is filled directly through :class:`pipeline.tracking.RunTracker`
-(a parent tagged like pipeline.sweep tags it, children with metrics per epoch and a weights
-file where pipeline.app logs the model), so these tests need no training and no Hydra.
+A store under ``tmp_path`` is filled directly through :class:`pipeline.tracking.tracker.RunTracker`
+(a parent tagged like pipeline.app.sweep tags it, children with metrics per epoch and a weights
+file where pipeline.app.job logs the model), so these tests need no training and no Hydra.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import report, tracking
-from pipeline.io import save_model
-from pipeline.nn import MLP
+from pipeline.engine.mlp import MLP
+from pipeline.tracking import tracker as tracking
+from pipeline.tracking.model_files import save_model
+from pipeline.viz import report
 
 SWEPT = [
     report.SweptParam("model.hidden_sizes", "[4],[16,16]", [[4], [16, 16]]),
@@ -174,7 +175,7 @@ def _fill_store(uri: str, tmp_path, grid=GRID, with_models: bool = True) -> tupl
                                "test/loss": job["loss"] * scale}, step=epoch)
         if with_models and job.get("status", "FINISHED") == "FINISHED":
             model = MLP([2, *job["sizes"], 1], activation="tanh", output="sigmoid", seed=i)
-            # Where the pyfunc model of pipeline.app keeps its weights.
+            # Where the pyfunc model of pipeline.app.job keeps its weights.
             weights = save_model(model, tmp_path / f"{parent.run_id}-{i}" / "weights.npz")
             child.log_artifact(weights, "model/artifacts")
             child.log_text(points.to_csv(index=False), "data/dataset.csv")
@@ -294,8 +295,8 @@ def test_boundaries_find_every_jobs_logged_model_in_one_search(tmp_path, new_sto
     """The report locates the jobs' logged models with one search instead of a ``runs:/``
     lookup per job; each panel shows its own job's model, the newest where a job logged
     two, and runs without a model are left out of the locations."""
-    from pipeline import plots
-    from pipeline.io import load_model
+    from pipeline.tracking.model_files import load_model
+    from pipeline.viz import plots
 
     uri = new_store(tmp_path / "store")
     experiment = tracking.prepare_experiment(uri, "backprop")

@@ -165,8 +165,8 @@ def test_sweep_logs_every_run_to_the_server_and_the_report_rebuilds(pg_server, r
     assert {"sweep/summary.csv", "sweep/test_loss.png", "sweep/boundaries.png"} <= names
     summary = pd.read_csv(client.download_artifacts(parent.info.run_id, "sweep/summary.csv",
                                                     str(tmp_path)))
-    # pipeline.report, from the server alone, reproduces the table.
-    from pipeline import report
+    # pipeline.viz.report, from the server alone, reproduces the table.
+    from pipeline.viz import report
 
     out = tmp_path / "rebuilt"
     assert report.main(["--experiment", "served-sweep", "--uri", uri, "--out", str(out),

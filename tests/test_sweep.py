@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import sweep
+from pipeline.app import sweep
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -187,7 +187,7 @@ def test_launcher_presets_extend_submitit_with_a_timeout(preset):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import register_configs
+    from pipeline.app.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -217,7 +217,7 @@ def test_basic_launcher_2x2_sweep_one_parent_four_children(run_train, tmp_path, 
     assert parent.data.tags["sweep.launcher"] == "basic"
     assert "4 jobs, 0 failed" in proc.stdout
     # The standalone report rebuilds the same table from MLflow alone.
-    from pipeline import report
+    from pipeline.viz import report
 
     out = tmp_path / "rebuilt"
     assert report.main(["--experiment", "backprop", "--uri", uri, "--out", str(out),
@@ -324,7 +324,7 @@ def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in(mon
     from joblib import Parallel, delayed
     from omegaconf import OmegaConf
 
-    from pipeline.sweep import prewarm_joblib_workers
+    from pipeline.app.sweep import prewarm_joblib_workers
 
     launcher = {"_target_": sweep.JOBLIB_LAUNCHER, "n_jobs": 2, "backend": None,
                 "prefer": "processes", "require": None, "verbose": 0, "timeout": None,

@@ -27,9 +27,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from servers import wait_http
 
-from pipeline import tracking
-from pipeline.nn import MLP
-from pipeline.tracking import (
+from pipeline.engine.mlp import MLP
+from pipeline.tracking import tracker as tracking
+from pipeline.tracking.tracker import (
     PhaseTimer,
     RunTracker,
     TrackingUnavailable,
@@ -408,7 +408,7 @@ def test_reading_runs_back_for_reports(tracker, exp_id, uri, tmp_path):
     assert row["metrics.test/accuracy"] == 0.75 and row["params.optimizer.lr"] == "0.1"
     assert row["status"] == "FINISHED"
     weights = tracking.download_artifact(uri, run_id, "model/artifacts/weights.npz", tmp_path)
-    from pipeline.io import load_model
+    from pipeline.tracking.model_files import load_model
 
     np.testing.assert_array_equal(load_model(weights).params, model.params)
     MlflowClient(uri).delete_experiment(exp_id)
@@ -709,8 +709,8 @@ def test_warm_up_model_logging_builds_mlflows_package_map_without_a_store(tmp_pa
 def test_warm_up_model_logging_resolves_the_run_context_once():
     """The context tags of a process's first run (its git commit, through GitPython) are
     looked up by the warm-up, in a fresh process where nothing had done it."""
-    code = ("import sys; from pipeline import tracking; before = 'git' in sys.modules; "
-            "tracking.warm_up_model_logging(); print(before, 'git' in sys.modules)")
+    code = ("import sys; from pipeline.tracking import tracker; before = 'git' in sys.modules; "
+            "tracker.warm_up_model_logging(); print(before, 'git' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
     assert out == ["False", "True"]

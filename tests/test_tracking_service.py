@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import TRAIN_PY
 
-from pipeline import tracking_service
-from pipeline.nn import MLP
-from pipeline.stores import TrackingUnavailable
+from pipeline.engine.mlp import MLP
+from pipeline.tracking import service as tracking_service
+from pipeline.tracking.stores import TrackingUnavailable
 
 PARAMS = {"model": {"hidden_sizes": [8, 8], "activation": "tanh"}, "optimizer": {"lr": 0.01}}
 TAGS = {"dataset": "moons", "overrides": "(defaults)"}
@@ -87,7 +87,7 @@ def test_a_run_through_the_service_records_what_an_in_process_run_records(
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     uri = new_store(tmp_path / "store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.pyfunc.load_model below
@@ -199,7 +199,7 @@ def test_the_service_ends_the_run_killed_when_its_parent_vanishes(tmp_path, new_
     uri = new_store(tmp_path / "store")
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from pipeline import tracking_service
+        from pipeline.tracking import service as tracking_service
         svc = tracking_service.TrackingService.spawn()
         print(svc.process.pid, flush=True)
         t = svc.tracker({uri!r})
@@ -349,7 +349,7 @@ def test_opening_the_store_early_creates_nothing_and_the_run_lands_where_it_shou
     experiment: a run that then fails on its data leaves no trace."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     missing = tmp_path / "nowhere" / "mlflow.db"
     service.post("open_store", f"sqlite:///{missing.as_posix()}", "svc")

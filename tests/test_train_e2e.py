@@ -2,7 +2,7 @@
 
 The subprocess runs (``slow``) share one default run (``trainer.epochs=30``) for the checks
 of params, tags, metrics, artifacts, dataset input and model, and a served model. The
-override matrix and the experiment presets run in-process through ``pipeline.app.run`` on
+override matrix and the experiment presets run in-process through ``pipeline.app.job.run`` on
 configs composed exactly as ``train.py`` composes them, with ``tracking=none`` and a few
 epochs (fast).
 """
@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import app
+from pipeline.app import job as app
 
 ROOT = Path(__file__).resolve().parent.parent
 MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
@@ -105,7 +105,7 @@ def in_process(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pipeline.config import register_configs, validate
+    from pipeline.app.config import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -1,4 +1,4 @@
-"""pipeline.trainer.fit: the reference examples of issue 2, every optimiser, batching,
+"""pipeline.engine.loop.fit: the reference examples of issue 2, every optimiser, batching,
 callbacks and their metrics, stopping, divergence, evaluation cadence and precision.
 """
 
@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.data import make_dataset
-from pipeline.nn import MLP
-from pipeline.optim import OPTIMIZERS, make_optimizer
-from pipeline.trainer import DivergenceError, History, StopTraining, fit
+from pipeline.data.datasets import make_dataset
+from pipeline.engine.loop import DivergenceError, History, StopTraining, fit
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import OPTIMIZERS, make_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Registered in ``conf/config.yaml`` (Hydra's callback API, ``hydra.callbacks``)::
     hydra:
       callbacks:
         mlflow_sweep:
-          _target_: pipeline.sweep.MlflowSweepCallback
+          _target_: pipeline.app.sweep.MlflowSweepCallback
 
 What happens, by Hydra event (``hydra.experimental.callback.Callback``):
 
@@ -18,7 +18,7 @@ What happens, by Hydra event (``hydra.experimental.callback.Callback``):
 ``on_job_start`` (the job's own process: the same one for the basic launcher, a joblib
     worker, a submitit job, a Ray worker)
     Hydra hands every launcher the callback (pickled, with its context), so the job sees
-    the context here and publishes it for :func:`pipeline.app.main` (:func:`current_context`),
+    the context here and publishes it for :func:`pipeline.app.job.main` (:func:`current_context`),
     which nests the job's run under the parent, in the parent's experiment.
 ``on_job_end`` (the job's process)
     A job that raised (a bad value caught by validation, divergence, any exception) is
@@ -27,12 +27,12 @@ What happens, by Hydra event (``hydra.experimental.callback.Callback``):
     run, the sweep's report is made, and an Optuna trial is marked failed (None is not a
     number) rather than ending the study.
 ``on_multirun_end`` (the launching process)
-    Build the report from MLflow (:mod:`pipeline.report`): summary table, heatmaps, decision
+    Build the report from MLflow (:mod:`pipeline.viz.report`): summary table, heatmaps, decision
     boundaries; attach it to the parent, tag the best run on parent and child, end the
     parent (FAILED if any job failed), print the table, and exit with status 1 if any job
     failed.
 
-Only this module, ``train.py`` and ``pipeline.app`` import Hydra.
+Only this module, ``train.py`` and ``pipeline.app.job`` import Hydra.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import heap
+from pipeline.app import heap
 
-# pipeline.report (pandas, matplotlib) is imported only when a sweep needs it: Hydra builds
+# pipeline.viz.report (pandas, matplotlib) is imported only when a sweep needs it: Hydra builds
 # this callback for single runs too, which must fail fast on a bad config.
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def swept_params(config: DictConfig) -> list:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pipeline import report as rep
+    from pipeline.viz import report as rep
 
     items = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {})
              .items() if v is not None]
@@ -236,7 +236,7 @@ class MlflowSweepCallback(Callback):
                 # frozen, which the first job would otherwise do with collection on.
                 import_job_modules(tracked)
         finally:
-            # train.py paused collection for the imports (pipeline.heap); a sweep that
+            # train.py paused collection for the imports (pipeline.app.heap); a sweep that
             # runs for hours must collect what its jobs leave behind.
             heap.settle()
 
@@ -254,10 +254,10 @@ class MlflowSweepCallback(Callback):
                              daemon=True).start()
 
     def _start_parent(self, config: DictConfig) -> SweepContext:
-        from pipeline import report as rep
-        from pipeline import tracking
-        from pipeline.app import git_commit
-        from pipeline.config import project_root
+        from pipeline.app.config import project_root
+        from pipeline.app.job import git_commit
+        from pipeline.tracking import tracker as tracking
+        from pipeline.viz import report as rep
 
         trk = config.tracking
         uri = tracking.resolve_tracking_uri(str(trk.kind), trk.get("uri"))
@@ -335,7 +335,7 @@ class MlflowSweepCallback(Callback):
             print(f"\nsweep {self.context.name}: {len(report.table)} jobs, {len(failed)} failed, "
                   f"{seconds:.1f} s")
             print(report.summary())
-            from pipeline import tracking
+            from pipeline.tracking import tracker as tracking
 
             print(f"report: artifacts sweep/ of parent run {self.context.parent_run_id}; "
                   f"rebuild with: python -m pipeline.report --experiment "
@@ -345,7 +345,7 @@ class MlflowSweepCallback(Callback):
         self._finish(failed, seconds, printed=report is not None)
 
     def _report(self):
-        from pipeline import report as reporting
+        from pipeline.viz import report as reporting
 
         ctx = self.context
         assert ctx is not None
@@ -392,7 +392,7 @@ class MlflowSweepCallback(Callback):
         num = OmegaConf.select(config, "hydra.job.num")
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        from pipeline.config import ConfigError
+        from pipeline.app.config import ConfigError
 
         expected = isinstance(error, ConfigError) or _is_divergence(error)
         # Joblib and submitit workers keep a job's traceback to themselves: say it here (the
@@ -423,7 +423,7 @@ class MlflowSweepCallback(Callback):
 
 
 def _reason(error: BaseException) -> str:
-    from pipeline.config import ConfigError
+    from pipeline.app.config import ConfigError
 
     if isinstance(error, ConfigError):
         return f"config error: {error}"
@@ -435,7 +435,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _is_divergence(error: BaseException) -> bool:
-    from pipeline.trainer import DivergenceError
+    from pipeline.engine.loop import DivergenceError
 
     return isinstance(error, DivergenceError) or isinstance(error.__cause__, DivergenceError)
 
@@ -443,8 +443,8 @@ def _is_divergence(error: BaseException) -> bool:
 def _record_failure(ctx: SweepContext, config: DictConfig, num: Any, overrides: list[str],
                     reason: str, text: str) -> str:
     """Mark the job's child run FAILED (creating it if the job failed before it started)."""
-    from pipeline import report as rep
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
+    from pipeline.viz import report as rep
 
     found = tracking.search_runs(
         ctx.tracking_uri, [ctx.experiment_id],
@@ -460,7 +460,7 @@ def _record_failure(ctx: SweepContext, config: DictConfig, num: Any, overrides: 
     except Exception:  # an interpolation that does not resolve may be the error itself
         task = _task_dict(config, resolve=False)
     try:
-        from pipeline.config import run_name
+        from pipeline.app.config import run_name
 
         name = run_name(config)
     except Exception:
@@ -481,8 +481,8 @@ def _close_orphans(ctx: SweepContext,
                    ) -> int:
     """Children still RUNNING once every job has returned were abandoned (a worker killed
     hard): end them KILLED so that nothing stays RUNNING forever. Returns how many."""
-    from pipeline import report as rep
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
+    from pipeline.viz import report as rep
 
     runs = tracking.search_runs(ctx.tracking_uri, [ctx.experiment_id],
                                 f"tags.{rep.PARENT_TAG} = '{ctx.parent_run_id}' "
@@ -526,8 +526,8 @@ def interrupted(signal_name: str) -> None:
 
 def _failed_children(ctx: SweepContext) -> tuple[list[tuple[str, str]], int]:
     """(failed jobs, number of jobs) straight from the children's statuses."""
-    from pipeline import report as rep
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
+    from pipeline.viz import report as rep
 
     runs = tracking.search_runs(ctx.tracking_uri, [ctx.experiment_id],
                                 f"tags.{rep.PARENT_TAG} = '{ctx.parent_run_id}'")
@@ -555,7 +555,7 @@ def _expected_jobs(config: DictConfig) -> int:
 
 def _failed_from_files(sweep_dir: str | None) -> list[tuple[str, str]]:
     """Failed jobs of an untracked sweep, from the ``result.json`` each job leaves."""
-    from pipeline import report as rep
+    from pipeline.viz import report as rep
 
     if not sweep_dir or not Path(sweep_dir).is_dir():
         return []
@@ -595,8 +595,8 @@ def _import_report_modules() -> None:
         import matplotlib
 
         matplotlib.use("Agg", force=False)
-        import pipeline.io  # noqa: F401
-        import pipeline.plots  # noqa: F401
+        import pipeline.tracking.model_files  # noqa: F401
+        import pipeline.viz.plots  # noqa: F401
     except Exception as e:  # the report imports them again and says what fails
         log.debug("sweep: report imports failed: %s", e)
 
@@ -639,10 +639,10 @@ def warm_worker() -> int:
     """Import what a job needs (numpy, scikit-learn, matplotlib, MLflow and its SQL store,
     MLflow's package map for the first model: about 3.5 s) in a joblib worker before the
     first job arrives; returns the worker's pid."""
-    heap.pause()  # no collection while the imports build the heap (pipeline.heap)
+    heap.pause()  # no collection while the imports build the heap (pipeline.app.heap)
     try:
         import_job_modules(tracked=True)
-        from pipeline import tracking
+        from pipeline.tracking import tracker as tracking
 
         tracking.warm_up_model_logging()
     finally:
@@ -658,15 +658,15 @@ def import_job_modules(tracked: bool = True) -> None:
     matplotlib.use("Agg", force=False)
     from PIL import Image
 
-    import pipeline.app  # noqa: F401
-    import pipeline.plots  # noqa: F401
-    from pipeline.data import make_dataset
+    import pipeline.app.job  # noqa: F401
+    import pipeline.viz.plots  # noqa: F401
+    from pipeline.data.datasets import make_dataset
 
     Image.init()  # Pillow's image plugins, which the first GIF written loads
 
     make_dataset("moons", n_samples=20)  # loads sklearn.datasets
     if tracked:
-        from pipeline import tracking
+        from pipeline.tracking import tracker as tracking
 
         tracking.warm_up()
 
@@ -696,7 +696,7 @@ class _InterruptGuard:
     that did not get it (those forked from our fork server lead their own process group,
     out of the terminal's reach), and waits up to ``grace_s`` for the jobs' runs to end
     the way an interrupted run ends (KILLED, with its metrics and plots); then it raises
-    :class:`pipeline.app.Interrupted` and joblib stops the rest. A second signal raises
+    :class:`pipeline.app.job.Interrupted` and joblib stops the rest. A second signal raises
     at once (and reaches the workers, which then stop at once too).
     """
 
@@ -727,7 +727,7 @@ class _InterruptGuard:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        from pipeline.app import Interrupted
+        from pipeline.app.job import Interrupted
 
         if self.signalled:
             self._forward(signum)
@@ -756,8 +756,8 @@ class _InterruptGuard:
                 pass
 
     def _wait_for_jobs(self, context: SweepContext) -> None:
-        from pipeline import report as rep
-        from pipeline import tracking
+        from pipeline.tracking import tracker as tracking
+        from pipeline.viz import report as rep
 
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
@@ -783,7 +783,7 @@ def joblib_worker_pids() -> list[int]:
 
 def _fork_workers_from_a_warm_server() -> bool:
     """Have loky start this process's workers from a fork server that imported what jobs
-    need once (:mod:`pipeline.worker_preload`), rather than as fresh interpreters that
+    need once (:mod:`pipeline.app.worker_preload`), rather than as fresh interpreters that
     each import it all (about 2.5 s of CPU per worker, which on two cores is as much
     CPU as two default jobs, spent while this process starts the sweep).
 
@@ -803,7 +803,7 @@ def _fork_workers_from_a_warm_server() -> bool:
     if "forkserver" not in loky_context.START_METHODS:
         return False
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["pipeline.worker_preload"])
+        ["pipeline.app.worker_preload"])
     loky_context.set_start_method("forkserver")
     return True
 

@@ -28,9 +28,9 @@ from functools import partial
 
 import numpy as np
 
-from pipeline.activations import Activation, const, get_activation
-from pipeline.init import get_initializer
-from pipeline.losses import Loss, encode_targets, get_loss, scores_to_proba
+from pipeline.engine.activations import Activation, const, get_activation
+from pipeline.engine.init import get_initializer
+from pipeline.engine.losses import Loss, encode_targets, get_loss, scores_to_proba
 
 Array = np.ndarray
 
@@ -79,7 +79,7 @@ class MLP:
     bias : bool
         Whether layers have biases. Without them ``biases`` is None.
     init : str
-        Weight initialiser name (see :mod:`pipeline.init`); biases start at zero.
+        Weight initialiser name (see :mod:`pipeline.engine.init`); biases start at zero.
     seed : int
         Seed for the initial weights.
     dtype : {"float64", "float32"} or numpy dtype
@@ -433,7 +433,7 @@ class MLP:
         """``run(X, T)``: one training step on ``n``-row batches as one list of bound calls.
 
         The step of :meth:`_value_and_grad` (without the loss value) followed by the
-        optimiser's ``update`` calls (:meth:`pipeline.optim.Optimizer._program`): for the
+        optimiser's ``update`` calls (:meth:`pipeline.engine.optim.Optimizer._program`): for the
         trainer, whose step is the same arrays every time. With ``packed=(P, dP)`` (a
         model with biases only) the step reads the parameters from the packed working
         copy ``P = params[packed_order(self)]`` and writes the gradient into ``dP`` in
@@ -482,9 +482,9 @@ class MLP:
         ----------
         X : array of shape (n_samples, sizes[0])
         y : array of shape (n_samples,) or (n_samples, n_outputs)
-            Labels or targets (see :func:`pipeline.losses.encode_targets`).
+            Labels or targets (see :func:`pipeline.engine.losses.encode_targets`).
         loss : str or Loss
-            A loss name from :data:`pipeline.losses.LOSSES`.
+            A loss name from :data:`pipeline.engine.losses.LOSSES`.
 
         Returns
         -------

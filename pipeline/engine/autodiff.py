@@ -17,7 +17,7 @@ Two ways to let the computer apply the chain rule:
 :func:`demo_reverse_vs_forward` shows both on ``f = (a + b) * (b + c)``.
 
 :func:`mlp_loss_oracle` builds a whole multi-layer perceptron and its loss out of
-:class:`Value` scalars. It shares no code with :mod:`pipeline.nn`, so the tests can hold the
+:class:`Value` scalars. It shares no code with :mod:`pipeline.engine.mlp`, so the tests can hold the
 layer-wise, matrix-form backpropagation against a second, differently built gradient.
 It is slow (one Python object per scalar operation) and meant for tiny networks only.
 """
@@ -582,7 +582,7 @@ def mlp_loss_oracle(
     loss : str
         One of ``mse``, ``half_sse``, ``bce``, ``cross_entropy``, ``hinge``; summed over the
         output units and averaged over the batch, except ``mse``, the mean over both
-        (the conventions of :mod:`pipeline.losses`). Hinge with one unit maps labels
+        (the conventions of :mod:`pipeline.engine.losses`). Hinge with one unit maps labels
         {0, 1} to {-1, +1}; with k units it is the Weston-Watkins multi-class hinge.
     activation_params : dict, optional
         ``slope`` for leaky_relu, ``alpha`` for elu.

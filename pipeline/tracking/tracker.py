@@ -16,8 +16,8 @@ What it gives the rest of the pipeline:
   warning says where, and :func:`upload_spool` / ``python -m pipeline.tracking upload DIR``
   sends it later.
 - :class:`MLPPyfuncModel`: the MLflow pyfunc wrapper of a trained MLP. The weights are the
-  ``.npz`` of :mod:`pipeline.io` (loaded without pickle); the wrapper itself is logged as
-  "models from code", so no pickle is involved at all.
+  ``.npz`` of :mod:`pipeline.tracking.model_files` (loaded without pickle); the wrapper
+  itself is logged as "models from code", so no pickle is involved at all.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from pipeline import io as model_io
 from pipeline.paths import project_root
-from pipeline.stores import (  # noqa: F401 (re-exported for callers)
+from pipeline.tracking import model_files as model_io
+from pipeline.tracking.stores import (  # noqa: F401 (re-exported for callers)
     HTTP_ENV_DEFAULTS,
     TRACKING_KINDS,
     TrackingUnavailable,
@@ -295,9 +295,10 @@ class PhaseTimer:
 class MLPPyfuncModel(PythonModel):
     """MLflow pyfunc wrapper: ``predict(df)`` returns class probabilities as a DataFrame.
 
-    The weights come from the ``weights`` artifact, a :mod:`pipeline.io` ``.npz`` (no
-    pickle); the ``columns`` artifact (JSON) holds ``feature_names`` (input columns, in
-    order) and ``output_columns`` (``proba_0``, ``proba_1``, ... or the class names).
+    The weights come from the ``weights`` artifact, a
+    :mod:`pipeline.tracking.model_files` ``.npz`` (no pickle); the ``columns`` artifact
+    (JSON) holds ``feature_names`` (input columns, in order) and ``output_columns``
+    (``proba_0``, ``proba_1``, ... or the class names).
     """
 
     def load_context(self, context: Any) -> None:
@@ -328,9 +329,9 @@ class MLPPyfuncModel(PythonModel):
 # The "models from code" entry point logged with each model: MLflow executes it to build the
 # wrapper, so loading never unpickles anything.
 _PYFUNC_CODE = """\
-# MLflow pyfunc entry point for a backprop-pipeline MLP (logged by pipeline.tracking).
+# MLflow pyfunc entry point for a backprop-pipeline MLP (logged by pipeline.tracking.tracker).
 import mlflow
-from pipeline.tracking import MLPPyfuncModel
+from pipeline.tracking.tracker import MLPPyfuncModel
 
 mlflow.models.set_model(MLPPyfuncModel())
 """
@@ -605,7 +606,7 @@ class RunTracker:
 
     def log_metric_rows(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
         """Buffer metric values already stamped elsewhere: ``(key, value, timestamp_ms, step)``
-        rows (what :class:`pipeline.tracking_service.RemoteTracker` sends)."""
+        rows (what :class:`pipeline.tracking.service.RemoteTracker` sends)."""
         self._require_run()
         self._metrics.extend(Metric(str(k), float(v), int(ts), int(s)) for k, v, ts, s in rows)
         if self._due():

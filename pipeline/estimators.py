@@ -1,4 +1,4 @@
-"""A scikit-learn compatible classifier around :class:`pipeline.nn.MLP` and :func:`fit`.
+"""A scikit-learn compatible classifier around :class:`pipeline.engine.mlp.MLP` and :func:`fit`.
 
 :class:`MLPClassifier` follows scikit-learn's estimator conventions: ``__init__`` stores
 its arguments unchanged, every check happens in :meth:`MLPClassifier.fit`, learned state
@@ -7,7 +7,7 @@ ends in ``_``, and ``clone``, ``get_params``/``set_params``, ``Pipeline``,
 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from pipeline.estimator import MLPClassifier
+    from pipeline.estimators import MLPClassifier
 
     clf = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,),
                                                         learning_rate=0.01, random_state=0))
@@ -29,7 +29,7 @@ Differences from ``sklearn.neural_network.MLPClassifier`` worth knowing:
   each epoch (no penalty terms), not the running mean of the mini-batch losses.
 - the hidden activation, the output activation, the loss, the initialiser, the
   optimiser and the learning-rate schedule are chosen by name from the engine's
-  registries (``pipeline.activations.ACTIVATIONS``, ``pipeline.losses.LOSSES``, ...).
+  registries (``pipeline.engine.activations.ACTIVATIONS``, ``pipeline.engine.losses.LOSSES``, ...).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
-from pipeline.init import INITIALIZERS
-from pipeline.losses import LOSSES, default_loss, get_loss
-from pipeline.nn import MLP
-from pipeline.optim import OPTIMIZERS, SCHEDULES, make_optimizer
-from pipeline.trainer import fit as train
+from pipeline.engine.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from pipeline.engine.init import INITIALIZERS
+from pipeline.engine.loop import fit as train
+from pipeline.engine.losses import LOSSES, default_loss, get_loss
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import OPTIMIZERS, SCHEDULES, make_optimizer
 
 __all__ = ["MLPClassifier"]
 
@@ -124,22 +124,22 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         Width of each hidden layer; ``()`` gives no hidden layer (logistic regression).
     activation : str or sequence of str, default="relu"
         Hidden activation, one name for all hidden layers or one per hidden layer
-        (a key of ``pipeline.activations.ACTIVATIONS`` other than softmax).
+        (a key of ``pipeline.engine.activations.ACTIVATIONS`` other than softmax).
     output : str, default="auto"
         Output activation; "auto" is ``sigmoid`` (one unit) for two classes and
         ``softmax`` (one unit per class) for more, or the output the chosen ``loss``
         needs (``identity`` for ``hinge``). ``softmax`` always has one unit per class,
         every other output has one unit for two classes.
     loss : str, default="auto"
-        A key of ``pipeline.losses.LOSSES``; "auto" is ``bce`` for a sigmoid output,
+        A key of ``pipeline.engine.losses.LOSSES``; "auto" is ``bce`` for a sigmoid output,
         ``cross_entropy`` for softmax, ``mse`` otherwise.
     init : str, default="xavier_uniform"
-        Weight initialiser (a key of ``pipeline.init.INITIALIZERS``); biases start at 0.
+        Weight initialiser (a key of ``pipeline.engine.init.INITIALIZERS``); biases start at 0.
     activation_params : dict or None, default=None
         Parameters of parametrised activations: ``{"slope": 0.01}`` for ``leaky_relu``,
         ``{"alpha": 1.0}`` for ``elu``.
     optimizer : str, default="adam"
-        A key of ``pipeline.optim.OPTIMIZERS``.
+        A key of ``pipeline.engine.optim.OPTIMIZERS``.
     learning_rate : float, default=0.001
         Base learning rate (> 0).
     optimizer_params : dict or None, default=None
@@ -149,7 +149,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     l1 : float, default=0.0
         L1 penalty on the weights.
     schedule : str, default="constant"
-        Learning-rate schedule, a key of ``pipeline.optim.SCHEDULES``.
+        Learning-rate schedule, a key of ``pipeline.engine.optim.SCHEDULES``.
     schedule_params : dict or None, default=None
         The schedule's parameters; ``cosine``'s ``t_max`` defaults to ``epochs``.
     epochs : int, default=200
@@ -184,7 +184,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         Number of features seen in ``fit``.
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Feature names, when ``X`` had string column names.
-    model_ : pipeline.nn.MLP
+    model_ : pipeline.engine.mlp.MLP
         The trained network; it predicts class indices into ``classes_``.
     loss_curve_ : list of float
         Training loss after each epoch.
@@ -378,7 +378,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         ------
         ValueError
             For a bad parameter (named, with what is allowed) or bad data.
-        pipeline.trainer.DivergenceError
+        pipeline.engine.loop.DivergenceError
             When training diverges (loss or parameters non-finite): lower learning_rate.
         """
         # Every parameter is checked before the data, so a typo fails fast.
@@ -506,7 +506,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
         Sigmoid and softmax outputs are probabilities; other outputs are mapped to scores
         whose largest entry is the predicted class (see
-        ``pipeline.losses.scores_to_proba``).
+        ``pipeline.engine.losses.scores_to_proba``).
         """
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=self.model_.dtype.type)

@@ -82,7 +82,7 @@ CONF_DIR = project_root() / "conf"
 class DatasetConfig:
     """Options every dataset takes (``moons`` and ``xor`` take only these)."""
 
-    name: str = MISSING  # key of pipeline.data.DATASETS; set by the option file
+    name: str = MISSING  # key of pipeline.data.datasets.DATASETS; set by the option file
     n_samples: int | None = 500  # rows before the split; null only for csv (= every row)
     noise: float = 0.2  # generator-specific noise level, >= 0
     test_fraction: float = 0.25  # share held out for testing, in (0, 1); stratified
@@ -158,13 +158,13 @@ class ModelConfig:
     activation_params: ActivationParams = field(default_factory=ActivationParams)
     output: str = "auto"  # auto = sigmoid for 2 classes, softmax for more; or a name
     loss: str = "auto"  # auto = the loss that fits the output (bce, cross_entropy, mse)
-    init: str = "xavier_uniform"  # key of pipeline.init.INITIALIZERS
+    init: str = "xavier_uniform"  # key of pipeline.engine.init.INITIALIZERS
     bias: bool = True
 
 
 @dataclass
 class ScheduleParams:
-    """Learning-rate schedule parameters; null = the schedule's default (pipeline.optim)."""
+    """Learning-rate schedule parameters; null = the schedule's default (pipeline.engine.optim)."""
 
     step_size: int | None = None  # step: epochs between decays
     gamma: float | None = None  # step, exponential: factor per decay, in (0, 1]
@@ -177,11 +177,11 @@ class ScheduleParams:
 class OptimizerConfig:
     """Options every optimiser takes (``sgd`` takes only these)."""
 
-    name: str = MISSING  # key of pipeline.optim.OPTIMIZERS; set by the option file
+    name: str = MISSING  # key of pipeline.engine.optim.OPTIMIZERS; set by the option file
     lr: float = 0.01  # base learning rate, > 0
     weight_decay: float = 0.0  # L2 on the weights (decoupled for adamw), >= 0
     l1: float = 0.0  # L1 on the weights, >= 0
-    schedule: str = "constant"  # key of pipeline.optim.SCHEDULES
+    schedule: str = "constant"  # key of pipeline.engine.optim.SCHEDULES
     schedule_params: ScheduleParams = field(default_factory=ScheduleParams)
 
 
@@ -548,8 +548,8 @@ def as_config_error(
         return ConfigError(key or "config", value, msg, raw=raw)
 
     if isinstance(exc, ValueError) and not isinstance(exc, OmegaConfBaseException):
-        # The engine's own checks (pipeline.data, pipeline.optim...) raise ValueError
-        # messages that start with the config key: "dataset.path='x.csv': no such file".
+        # The engine's own checks (pipeline.data.datasets, pipeline.engine.optim...) raise
+        # ValueError messages that start with the config key: "dataset.path='x.csv': no such file".
         text = _one_line(str(exc))
         m = re.match(rf"^((?:{'|'.join(SECTION_SCHEMAS)})(?:\.\w+)+)(?:=(\S+?))?[:;,]?\s", text)
         if m:
@@ -591,12 +591,12 @@ def as_config_error(
 # heavier users (and the registries are the one source of the names users may type).
 # ======================================================================================
 _REGISTRIES = {
-    "activations": ("activations", "ACTIVATIONS"),
-    "losses": ("losses", "LOSSES"),
-    "init": ("init", "INITIALIZERS"),
-    "optim": ("optim", "OPTIMIZERS"),
-    "schedules": ("optim", "SCHEDULES"),
-    "data": ("data", "DATASETS"),
+    "activations": ("engine.activations", "ACTIVATIONS"),
+    "losses": ("engine.losses", "LOSSES"),
+    "init": ("engine.init", "INITIALIZERS"),
+    "optim": ("engine.optim", "OPTIMIZERS"),
+    "schedules": ("engine.optim", "SCHEDULES"),
+    "data": ("data.datasets", "DATASETS"),
 }
 
 
@@ -609,14 +609,14 @@ def _names(kind: str) -> tuple[str, ...]:
 
 
 def _hidden_activations() -> tuple[str, ...]:
-    from pipeline.activations import HIDDEN_ACTIVATIONS
+    from pipeline.engine.activations import HIDDEN_ACTIVATIONS
 
     return HIDDEN_ACTIVATIONS
 
 
 def _loss_outputs(loss: str) -> tuple[str, ...] | None:
     """Output activations ``loss`` is defined on (None: any), or None for an unknown loss."""
-    from pipeline.losses import LOSSES
+    from pipeline.engine.losses import LOSSES
 
     return LOSSES[loss].outputs if loss in LOSSES else None
 
@@ -694,7 +694,7 @@ def _plain(cfg: Any) -> Any:
 
 
 def dataset_kwargs(cfg: Any) -> dict[str, Any]:
-    """Keyword arguments for ``pipeline.data.make_dataset(name, **kwargs)`` (name excluded).
+    """Keyword arguments for ``make_dataset(name, **kwargs)`` (name excluded).
 
     Parameters
     ----------
@@ -712,7 +712,7 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def optimizer_kwargs(cfg: Any) -> dict[str, Any]:
-    """Keyword arguments for ``pipeline.optim.make_optimizer(**kwargs)`` (name included).
+    """Keyword arguments for ``pipeline.engine.optim.make_optimizer(**kwargs)`` (name included).
 
     Schedule parameters left null are dropped (the schedule's default applies), except
     the cosine schedule's ``t_max``, which defaults to ``trainer.epochs``.
@@ -954,8 +954,8 @@ def _validate_dataset(d: Mapping[str, Any]) -> None:
 
 
 def _min_samples(k: int, test_fraction: float) -> int:
-    """Smallest n whose stratified split has >= k rows in each split (as pipeline.data)."""
-    from pipeline.data import min_samples
+    """Smallest n whose stratified split has >= k rows in each split (as pipeline.data.datasets)."""
+    from pipeline.data.datasets import min_samples
 
     return int(min_samples(k, test_fraction))
 
@@ -1055,7 +1055,7 @@ def _check_head(output: str, loss: str, n_classes: int | None, losses: Sequence[
             f"does not fit the {out} output layer ({lossname} needs {' or '.join(fits)}); "
             f"with {out} use one of {', '.join(good)}, or set model.output={fits[0]}",
         )
-    from pipeline.losses import LOSSES
+    from pipeline.engine.losses import LOSSES
 
     if lossname in LOSSES:
         try:
@@ -1087,7 +1087,7 @@ def _validate_optimizer(o: Mapping[str, Any]) -> None:
         "cosine": ("t_max", "min_lr"),
         "inverse_scaling": ("power_t",),
     }
-    from pipeline.optim import SCHEDULES
+    from pipeline.engine.optim import SCHEDULES
 
     if schedule in SCHEDULES:
         uses[schedule] = tuple(SCHEDULES[schedule].defaults)

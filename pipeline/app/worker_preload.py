@@ -1,5 +1,5 @@
 """Imported once by the fork server that a joblib sweep's workers are forked from
-(:func:`pipeline.sweep.prewarm_joblib_workers`): it pays every job's imports, so that each
+(:func:`pipeline.app.sweep.prewarm_joblib_workers`): it pays every job's imports, so that each
 worker starts with them done instead of paying them itself.
 
 A failure here must not take the fork server down (no worker could start then): the
@@ -14,7 +14,7 @@ import os
 if hasattr(os, "setpgid"):
     # The workers forked from here inherit this process group, out of the terminal's: a
     # Ctrl-C reaches the launching process alone, which passes it on to the workers and
-    # waits for their runs to end (pipeline.sweep._InterruptGuard). If this process and
+    # waits for their runs to end (pipeline.app.sweep._InterruptGuard). If this process and
     # its workers got it at once, joblib would kill the workers while they end their runs.
     try:
         os.setpgid(0, 0)
@@ -22,7 +22,7 @@ if hasattr(os, "setpgid"):
         pass
 
 try:
-    from pipeline.sweep import warm_worker
+    from pipeline.app.sweep import warm_worker
 
     warm_worker()
 except Exception as error:  # depends on a broken environment

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.losses import LOSSES, Loss, get_loss, scores_to_proba
-from pipeline.nn import MLP, packed_order
-from pipeline.optim import OPTIMIZERS, Optimizer, make_optimizer
+from pipeline.engine.losses import LOSSES, Loss, get_loss, scores_to_proba
+from pipeline.engine.mlp import MLP, packed_order
+from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_optimizer
 
 Array = np.ndarray
 # The step method as defined: the trainer skips its argument checks only when neither a

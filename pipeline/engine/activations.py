@@ -10,7 +10,7 @@ The training hot path works in place: the twins ``forward_into(z, out)`` and
 ``backward_into(z, a, g, scratch)`` write into preallocated buffers instead of allocating
 a new array per call, and :meth:`Activation.forward_program` /
 :meth:`Activation.backward_program` give the same calls bound once to given arrays (the
-step programs of :class:`pipeline.nn._Workspace`). :meth:`Activation.forward_to` /
+step programs of :class:`pipeline.engine.mlp._Workspace`). :meth:`Activation.forward_to` /
 :meth:`Activation.backward_to` fall back to the allocating pair for an activation that has
 no in-place twin (a user-built one, gelu, softplus).
 """

@@ -8,11 +8,11 @@ started by ``train.py`` before anything else so that it imports MLflow while Hyd
 the config and scikit-learn makes the data:
 
 - :class:`TrackingService` is the parent's handle on the child (``python -m
-  pipeline.tracking_service FD``, talking over a socket pair with
+  pipeline.tracking.service FD``, talking over a socket pair with
   :mod:`multiprocessing.connection` framing). The child only imports; it opens no store
   until a run starts, so a bad config or a bad CSV still leaves no store behind.
-- :class:`RemoteTracker` has the interface of :class:`pipeline.tracking.RunTracker` that
-  :mod:`pipeline.app` uses. Every call becomes a message, sent from a background thread
+- :class:`RemoteTracker` has the interface of :class:`pipeline.tracking.tracker.RunTracker` that
+  :mod:`pipeline.app.job` uses. Every call becomes a message, sent from a background thread
   (a large artifact never blocks training) and run in order on a real ``RunTracker`` in
   the child, so buffering, ``log_batch``, spooling when the store goes away and the model
   format are exactly those of in-process tracking. Calls that return nothing are not
@@ -23,7 +23,7 @@ the config and scikit-learn makes the data:
   if the parent disappears without saying (SIGKILL, a crash), the child sees the socket
   close and ends the run KILLED, so no run is left RUNNING.
 
-Nothing here imports MLflow in the parent: only the child imports :mod:`pipeline.tracking`.
+Nothing here imports MLflow in the parent: only the child imports :mod:`pipeline.tracking.tracker`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline import heap
-from pipeline.stores import TrackingUnavailable, metric_rows
+from pipeline.app import heap
+from pipeline.tracking.stores import TrackingUnavailable, metric_rows
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TrackingService:
         parent_sock, child_sock = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.tracking_service", str(child_sock.fileno())],
+                [sys.executable, "-m", "pipeline.tracking.service", str(child_sock.fileno())],
                 pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
                 cwd=os.getcwd(), env=_child_env(),
             )
@@ -214,7 +214,7 @@ def shutdown() -> None:
 
 
 class RemoteTracker:
-    """The parts of :class:`pipeline.tracking.RunTracker` a run uses, run in the service.
+    """The parts of :class:`pipeline.tracking.tracker.RunTracker` a run uses, run in the service.
 
     Attributes
     ----------
@@ -362,10 +362,10 @@ def _plain(value: Any) -> Any:
 
 
 class _Service:
-    """The child's state: one :class:`pipeline.tracking.RunTracker` per run, in turn."""
+    """The child's state: one :class:`pipeline.tracking.tracker.RunTracker` per run, in turn."""
 
     def __init__(self) -> None:
-        from pipeline import tracking
+        from pipeline.tracking import tracker as tracking
 
         self.tracking = tracking
         self.tracker = None
@@ -495,12 +495,12 @@ def _warm_up_then_settle(task) -> None:
 
 def serve(conn: Connection) -> None:
     """The child's loop: run each message in order until the parent closes the socket."""
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     tracking.warm_up()  # about 2 s of imports, while the parent composes and makes data
     # The model's first logging costs another 0.5 s, mostly Python reading package
     # metadata: in a thread, it fills the moments the loop waits on the parent or on disk.
-    # Then the heap is settled (pipeline.heap: no collection while the imports ran).
+    # Then the heap is settled (pipeline.app.heap: no collection while the imports ran).
     threading.Thread(target=_warm_up_then_settle, args=(tracking.warm_up_model_logging,),
                      daemon=True, name="warm-up-model-logging").start()
     service = _Service()

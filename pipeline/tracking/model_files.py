@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.nn import MLP
+from pipeline.engine.mlp import MLP
 
 FORMAT_NAME = b"backprop-pipeline-mlp"
 FORMAT_VERSION = 1
@@ -115,7 +115,10 @@ def _load(path: Path) -> MLP:
 
     fmt = arrays["format"]
     if fmt.dtype != np.uint8 or fmt.ndim != 1 or fmt.tobytes() != FORMAT_NAME:
-        raise _Invalid("format marker missing or wrong (not written by pipeline.io.save_model)")
+        raise _Invalid(
+            "format marker missing or wrong (not written by "
+            "pipeline.tracking.model_files.save_model)"
+        )
     version = arrays["version"]
     if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
         raise _Invalid(

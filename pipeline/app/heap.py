@@ -12,7 +12,7 @@ once the imports are done (everything alive then moved out of the collector's re
 creates, which it collects as before.
 
 :func:`settle` does nothing in a process that did not call :func:`pause`: an interactive
-session that calls :func:`pipeline.app.run` keeps its collector as it is.
+session that calls :func:`pipeline.app.job.run` keeps its collector as it is.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Nothing here imports MLflow (a second or more to load), so a process can decide on its
 store, check it and fail fast before paying for MLflow, and the training process of a
-single run never loads MLflow at all (:mod:`pipeline.tracking_service` does that in a
-process of its own). :mod:`pipeline.tracking` re-exports everything for its callers.
+single run never loads MLflow at all (:mod:`pipeline.tracking.service` does that in a
+process of its own). :mod:`pipeline.tracking.tracker` re-exports everything for its callers.
 """
 
 from __future__ import annotations

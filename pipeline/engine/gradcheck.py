@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.losses import Loss, get_loss
-from pipeline.nn import MLP
+from pipeline.engine.losses import Loss, get_loss
+from pipeline.engine.mlp import MLP
 
 __all__ = [
     "GradcheckResult",

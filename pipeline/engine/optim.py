@@ -505,7 +505,7 @@ class Optimizer:
 
         For a training loop that passes the same two arrays every step: it can then run
         the update as part of one flat list of bound calls (see
-        :meth:`pipeline.nn.MLP._train_program`). Running the list once is one step.
+        :meth:`pipeline.engine.mlp.MLP._train_program`). Running the list once is one step.
         """
         return [partial(self._step, params, grad)]
 

@@ -25,14 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import heap
-from pipeline.config import dataset_kwargs, optimizer_kwargs, project_root, resolve_head, run_name
-from pipeline.data import Dataset, make_dataset
-from pipeline.nn import MLP
-from pipeline.optim import make_optimizer
-from pipeline.progress import ProgressBar, want_progress
-from pipeline.replicas import fit_replicas, replicas_from_config
-from pipeline.trainer import DivergenceError, History, blas_threads, fit
+from pipeline.app import heap
+from pipeline.app.config import (
+    dataset_kwargs,
+    optimizer_kwargs,
+    project_root,
+    resolve_head,
+    run_name,
+)
+from pipeline.app.progress import ProgressBar, want_progress
+from pipeline.data.datasets import Dataset, make_dataset
+from pipeline.engine.loop import DivergenceError, History, blas_threads, fit
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import make_optimizer
+from pipeline.fast.replicas import fit_replicas, replicas_from_config
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +233,7 @@ def run(
     ----------
     config : mapping
         The composed config as plain values (``dataset``, ``model``, ``optimizer``,
-        ``trainer``, ``tracking``), already checked by :func:`pipeline.config.validate`.
+        ``trainer``, ``tracking``), already checked by :func:`pipeline.app.config.validate`.
     overrides : sequence of str
         The command-line overrides, recorded as a tag.
     output_dir : path, optional
@@ -326,7 +332,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 boundary = _boundary_renderer(dataset)
                 before = boundary, boundary.render(predict_raw, f"{name}: before training")
 
-        heap.settle()  # everything the run imports is loaded by now (pipeline.heap)
+        heap.settle()  # everything the run imports is loaded by now (pipeline.app.heap)
         # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
         with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -423,7 +429,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 def _open_store_early(trk) -> None:
     """Let this process's tracking service (if any) open an existing store while the data
     is made. Nothing is created: a run that fails on its data leaves no trace."""
-    from pipeline import stores, tracking_service
+    from pipeline.tracking import service as tracking_service
+    from pipeline.tracking import stores
 
     service = tracking_service.current()
     if service is None:
@@ -437,7 +444,8 @@ def _open_store_early(trk) -> None:
 
 def _start_tracking(config, name, overrides, output_dir, parent_run_id,
                     experiment_id=None, extra_tags=None):
-    from pipeline import stores, tracking_service
+    from pipeline.tracking import service as tracking_service
+    from pipeline.tracking import stores
 
     trk = config["tracking"]
     uri = stores.resolve_tracking_uri(trk["kind"], trk.get("uri"))
@@ -452,13 +460,13 @@ def _start_tracking(config, name, overrides, output_dir, parent_run_id,
     service = tracking_service.current()
     if service is not None:
         # The run is created in the service while this process trains (see
-        # pipeline.tracking_service); MLflow is never loaded here.
+        # pipeline.tracking.service); MLflow is never loaded here.
         tracker = service.tracker(uri, spool_root=spool)
         tracker.start(trk["experiment"], name, experiment_id=experiment_id, params=config,
                       tags=tags, parent_run_id=parent_run_id)
         return tracker, uri
 
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     experiment_id = experiment_id or tracking.prepare_experiment(uri, trk["experiment"])
     tracker = tracking.RunTracker(uri, spool_root=spool)
@@ -475,7 +483,7 @@ def _start_tracking(config, name, overrides, output_dir, parent_run_id,
 
 
 def _start_animation(dataset: Dataset, model: MLP, tcfg, predict_raw):
-    from pipeline.plots import BoundaryAnimation, frame_epochs
+    from pipeline.viz.plots import BoundaryAnimation, frame_epochs
 
     anim = BoundaryAnimation(
         dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
@@ -488,7 +496,7 @@ def _start_animation(dataset: Dataset, model: MLP, tcfg, predict_raw):
 
 
 def _boundary_renderer(dataset: Dataset):
-    from pipeline.plots import BoundaryRenderer
+    from pipeline.viz.plots import BoundaryRenderer
 
     # One figure laid out once for the pictures before and after training.
     return BoundaryRenderer(
@@ -505,7 +513,7 @@ def _log_png(tracker, write, artifact_file: str) -> None:
 
 
 def _replica_figure(replicas, dataset: Dataset, title: str):
-    from pipeline.plots import plot_replica_boundary
+    from pipeline.viz.plots import plot_replica_boundary
 
     return plot_replica_boundary(
         lambda X: replicas.predict_proba(dataset.transform(X)),
@@ -516,7 +524,7 @@ def _replica_figure(replicas, dataset: Dataset, title: str):
 
 
 def _run_gradcheck(model: MLP, dataset: Dataset, tracker, echo: bool) -> None:
-    from pipeline.gradcheck import gradcheck
+    from pipeline.engine.gradcheck import gradcheck
 
     n = min(64, dataset.X_train.shape[0])
     result = gradcheck(model, dataset.X_train[:n], dataset.y_train[:n], model.loss)
@@ -548,7 +556,7 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from pipeline.plots import plot_training_curves, save_figure, save_image
+    from pipeline.viz.plots import plot_training_curves, save_figure, save_image
 
     diverged = not np.all(np.isfinite(model.params))
     # The model, config and tables first: a tracker running in its own process logs them
@@ -634,7 +642,7 @@ def _print_summary(result: RunResult, name: str) -> None:
     if result.spool_message:
         print(f"  {result.spool_message}")
     if result.run_id:
-        from pipeline import stores
+        from pipeline.tracking import stores
 
         print(f"  MLflow run {result.run_id} in experiment {result.experiment_id}")
         print(f"  view it: {stores.ui_command(result.tracking_uri)}")
@@ -649,7 +657,7 @@ def _print_summary(result: RunResult, name: str) -> None:
 def main(cfg: Any) -> float | None:
     """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out.
 
-    In a tracked sweep (the callback :class:`pipeline.sweep.MlflowSweepCallback` started a
+    In a tracked sweep (the callback :class:`pipeline.app.sweep.MlflowSweepCallback` started a
     parent run before any job) the job's run is nested under that parent, in the parent's
     experiment and store, and tagged with Hydra's job number. The context reaches the job
     through the callback, which every launcher hands to its workers (threads, processes,
@@ -658,7 +666,7 @@ def main(cfg: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from pipeline.sweep import current_context
+    from pipeline.app.sweep import current_context
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)

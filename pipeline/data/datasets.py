@@ -12,7 +12,7 @@ in ``0..k-1``. Errors are ``ValueError`` with one line naming the config key
 
 Examples
 --------
->>> from pipeline.data import make_dataset
+>>> from pipeline.data.datasets import make_dataset
 >>> ds = make_dataset("moons", n_samples=200, noise=0.2, test_fraction=0.25, seed=0)
 >>> ds.X_train.shape, ds.y_test.dtype
 ((150, 2), dtype('int64'))

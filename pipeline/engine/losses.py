@@ -23,7 +23,7 @@ from functools import partial
 
 import numpy as np
 
-from pipeline.activations import Activation, Op, const, row_reduce, row_reduce_ops, softmax
+from pipeline.engine.activations import Activation, Op, const, row_reduce, row_reduce_ops, softmax
 
 Array = np.ndarray
 

@@ -21,7 +21,7 @@ together, as the products want them:
 - layers 2..L as ``(K, fan_in + 1, fan_out)``, replica ``k``'s ``[W_l; b_l]``: one
   batched product over the replicas.
 
-Values are units-major, as in :class:`pipeline.nn._Workspace`: a layer's values are one
+Values are units-major, as in :class:`pipeline.engine.mlp._Workspace`: a layer's values are one
 C-ordered ``(width, K, n)`` array (unit, replica, sample), and a layer's input carries
 its row of ones (the bias) as ``(width + 1, K, n)``, the ones last, so its values are
 one contiguous block. Every elementwise step (activation, derivative) is then one numpy
@@ -30,7 +30,7 @@ one call per operation. On small networks a step costs its number of numpy calls
 its arithmetic, so K replicas cost far less than K runs.
 
 One optimiser state covers every replica; its update is elementwise, so each replica
-follows exactly the trajectory it would follow trained alone by :func:`pipeline.trainer.fit`
+follows exactly the trajectory it would follow trained alone by :func:`pipeline.engine.loop.fit`
 with the same initial seed and the same batch order (``fit(..., seed=seed)``), up to
 floating-point rounding of the stacked products.
 """
@@ -43,17 +43,8 @@ from functools import partial
 
 import numpy as np
 
-from pipeline.activations import const
-from pipeline.losses import (
-    Loss,
-    _ce_delta_into,
-    _residual_over_n_into,
-    get_loss,
-    scores_to_proba,
-)
-from pipeline.nn import MLP, _arena, _assign
-from pipeline.optim import OPTIMIZERS, Optimizer, make_optimizer, make_schedule
-from pipeline.trainer import (
+from pipeline.engine.activations import const
+from pipeline.engine.loop import (
     _OPTIMIZER_STEP,
     SATURATION_THRESHOLD,
     Callback,
@@ -70,6 +61,15 @@ from pipeline.trainer import (
     run_callbacks,
     run_epoch_steps,
 )
+from pipeline.engine.losses import (
+    Loss,
+    _ce_delta_into,
+    _residual_over_n_into,
+    get_loss,
+    scores_to_proba,
+)
+from pipeline.engine.mlp import MLP, _arena, _assign
+from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_optimizer, make_schedule
 
 Array = np.ndarray
 
@@ -86,7 +86,7 @@ class ReplicaMLP:
     Parameters
     ----------
     sizes, activation, output, bias, init, dtype, activation_params, loss
-        As for :class:`pipeline.nn.MLP`; shared by every replica.
+        As for :class:`pipeline.engine.mlp.MLP`; shared by every replica.
     seed : int
         Replica ``k`` starts from the weights of ``MLP(..., seed=seed + k)``.
     n_replicas : int
@@ -392,7 +392,7 @@ class ReplicaMLP:
         """Fill ``grad`` for every replica on one batch; returns the mean loss (or NaN).
 
         ``Xa`` is the checked input with its bias column (:meth:`_augment`), ``T`` the
-        encoded targets (:func:`pipeline.trainer.prepare_inputs`).
+        encoded targets (:func:`pipeline.engine.loop.prepare_inputs`).
         """
         ws = self._workspace(Xa.shape[0])
         np.take(self.params, self._order, out=self._P, mode="clip")
@@ -434,7 +434,7 @@ class _ReplicaWorkspace:
       n=1000). A hidden one-unit layer, whose delta its activation rule needs
       contiguous, takes the broadcast multiply.
 
-    As in :class:`pipeline.nn._Workspace` every numpy call of a step is bound once
+    As in :class:`pipeline.engine.mlp._Workspace` every numpy call of a step is bound once
     (:meth:`train_program`) and a hidden relu, sigmoid or tanh layer runs in place.
     """
 
@@ -648,9 +648,9 @@ class _ReplicaWorkspace:
 
 @dataclass
 class ReplicaHistory(History):
-    """:class:`~pipeline.trainer.History` of a replicated run.
+    """:class:`~pipeline.engine.loop.History` of a replicated run.
 
-    ``metrics`` holds, for every key :func:`~pipeline.trainer.fit` reports
+    ``metrics`` holds, for every key :func:`~pipeline.engine.loop.fit` reports
     (``train/loss``, ``test/accuracy``, ``grad_norm/layer_1``, ...), the mean across
     replicas under the same key and the standard deviation under ``key + "/std"``.
     ``replicas[k]`` is replica ``k``'s own :class:`History` with fit()'s keys exactly.
@@ -665,7 +665,7 @@ class ReplicaHistory(History):
 
 
 class _BoundReplicaSteps:
-    """The replicas' epochs as bound step programs, as :class:`pipeline.trainer._BoundSteps`.
+    """The replicas' epochs as bound step programs, as :class:`pipeline.engine.loop._BoundSteps`.
 
     Each batch's step is one list of bound calls (:meth:`_ReplicaWorkspace.
     train_program`) ending with the optimiser's (:meth:`Optimizer._program`). A built-in
@@ -742,7 +742,7 @@ class _BoundReplicaSteps:
 
 
 class _ShuffledInputs(_ShuffledViews):
-    """:class:`pipeline.trainer._ShuffledViews` of ``[X, 1]`` (the same rows for the same
+    """:class:`pipeline.engine.loop._ShuffledViews` of ``[X, 1]`` (the same rows for the same
     generator), with a units-major copy alongside: ``views_T[i]`` is ``views[i][0].T``
     as a view of one C-ordered ``(fan_in + 1, n)`` array, gathered by the same shuffle."""
 
@@ -786,7 +786,7 @@ def fit_replicas(
 ) -> ReplicaHistory:
     """Train every replica of ``model`` in place, in one vectorised pass per batch.
 
-    Takes :func:`pipeline.trainer.fit`'s arguments, with these differences:
+    Takes :func:`pipeline.engine.loop.fit`'s arguments, with these differences:
 
     Parameters
     ----------

@@ -1,0 +1,1 @@
+"""Datasets: scikit-learn generators and CSV files, split and standardised (:mod:`.datasets`)."""

@@ -1,0 +1,1 @@
+"""Figures of runs and sweeps (:mod:`.plots`), the sweep report from MLflow (:mod:`.report`)."""
