@@ -17,7 +17,7 @@ It passes every check of :func:`sklearn.utils.estimator_checks.check_estimator` 
 with its defaults and with mini-batch SGD, early stopping, float32 and hinge settings.
 The one expected failure is ``check_supervised_y_2d`` with ``warm_start=True``: that
 check fits twice and expects equal predictions, and a warm start continues training
-(see ``tests/test_estimator.py``).
+(see ``tests/test_estimators.py``).
 
 Differences from ``sklearn.neural_network.MLPClassifier`` worth knowing:
 

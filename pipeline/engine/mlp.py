@@ -823,7 +823,7 @@ FORWARD_BLOCK_BYTES = 1 << 20
 
 # Hidden activations whose backward rule reads only the output ``a``, never ``z`` (tanh:
 # 1 - a^2, sigmoid: a (1 - a)): on long batches their G is written over their own Z
-# (see _Workspace._grad_homes). tests/test_fastpath.py holds every name here to it.
+# (see _Workspace._grad_homes). tests/fast/test_fastpath.py holds every name here to it.
 RULES_WITHOUT_Z = frozenset({"tanh", "sigmoid"})
 
 

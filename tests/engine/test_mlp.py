@@ -1,7 +1,7 @@
 """pipeline.engine.mlp.MLP: parameter layout, argument checking, construction from arrays, config
 round trips, prediction and precision.
 
-Gradient correctness is tested in tests/test_gradients.py (finite differences and the
+Gradient correctness is tested in tests/engine/test_gradients.py (finite differences and the
 autodiff oracle for every valid combination); here only shapes and plumbing.
 """
 

@@ -712,7 +712,7 @@ def test_warm_up_model_logging_resolves_the_run_context_once():
     code = ("import sys; from pipeline.tracking import tracker; before = 'git' in sys.modules; "
             "tracker.warm_up_model_logging(); print(before, 'git' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
     assert out == ["False", "True"]
 
 

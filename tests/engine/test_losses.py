@@ -3,7 +3,7 @@ fused output deltas against the general chain rule, output/loss compatibility an
 target encoding.
 
 End-to-end gradient correctness (every loss through a network, against finite
-differences and the autodiff oracle) lives in tests/test_gradients.py.
+differences and the autodiff oracle) lives in tests/engine/test_gradients.py.
 """
 
 from __future__ import annotations

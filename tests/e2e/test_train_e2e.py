@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.app import job as app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
 EPOCHS = 30
 PER_EPOCH = (

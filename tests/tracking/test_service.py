@@ -210,7 +210,7 @@ def test_the_service_ends_the_run_killed_when_its_parent_vanishes(tmp_path, new_
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     child = int(proc.stdout.split()[0])
     client = MlflowClient(uri)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from pipeline.app import sweep
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 #: Short, quiet jobs: the tests are about the sweep, not the training.
 FAST = ("trainer.epochs=20", "tracking.animation=false")
