@@ -282,7 +282,7 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
           f"{summary['complete']} complete, {summary['pruned']} pruned, {summary['fail']} failed")
     if "best_trial" in summary:
         print(f"search: best trial #{summary['best_trial']}: {OBJECTIVE} "
-              f"{summary['best_value']:.4f} with {summary['best_params']}")
+              f"{summary['best_value']:.4g} with {summary['best_params']}")
     if summary["dashboard"]:
         print(f"search: watch it with: {summary['dashboard']}", flush=True)
 
