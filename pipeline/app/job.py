@@ -16,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -226,6 +226,7 @@ def run(
     parallel: bool = False,
     echo: bool = True,
     startup_seconds: float | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
 ) -> RunResult:
     """Train and track one job described by a validated, resolved config.
 
@@ -252,6 +253,9 @@ def run(
     startup_seconds : float, optional
         Time from process start to this call (imports, config composition), reported
         as ``time/startup`` with the other phases.
+    callbacks : sequence of callables
+        More training callbacks ``callback(epoch, metrics)`` (an Optuna trial's pruning
+        reporter). One with a ``run_tags()`` method tags the run with it at the end.
 
     Raises
     ------
@@ -273,13 +277,13 @@ def run(
     with _sigterm_as_interrupt(), blas_threads(1 if parallel else None):
         try:
             return _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id,
-                        experiment_id, tags, parallel, echo)
+                        experiment_id, tags, parallel, echo, callbacks)
         except KeyboardInterrupt as exc:
             raise _as_interrupted(exc) from None
 
 
 def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experiment_id, tags,
-         parallel, echo) -> RunResult:
+         parallel, echo, extra_callbacks=()) -> RunResult:
     if trk["kind"] != "none":
         _open_store_early(trk)
     with timer("data"):
@@ -322,6 +326,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         bar = ProgressBar(tcfg["epochs"], name,
                           enabled=want_progress(tcfg["progress"], parallel=parallel))
         callbacks.append(bar)
+        callbacks.extend(extra_callbacks)
 
         if tcfg.get("gradcheck"):
             _run_gradcheck(model, dataset, tracker, echo)
@@ -377,6 +382,9 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                                 step=history.epochs[-1] + 1)
     replica_table = replica_history.final_table(restored) if replica_history else None
     if tracker is not None:
+        for callback in extra_callbacks:
+            if hasattr(callback, "run_tags"):
+                tracker.set_tags(callback.run_tags())
         tracker.flush()  # the metrics can go now, while the plots are drawn
     if replicas is not None:
         # Replica 0 is the run replicas=1 would make: it stands for the run as its model.
@@ -654,6 +662,18 @@ def _print_summary(result: RunResult, name: str) -> None:
 # ------------------------------------------------------------------------------ Hydra
 
 
+def _trial_reporter(sweeper: Any, trk: Mapping[str, Any]):
+    """The pruning reporter when this job is a trial of an Optuna search, else None."""
+    if sweeper.get("trial") is None:  # set on each job by the Optuna sweeper only
+        return None
+    from pipeline.app.search import trial_reporter  # imports Optuna
+    from pipeline.tracking.stores import resolve_tracking_uri
+
+    kind = trk.get("kind", "local")
+    uri = resolve_tracking_uri("local" if kind == "none" else kind, trk.get("uri"))
+    return trial_reporter(sweeper, uri)
+
+
 def main(cfg: Any) -> float | None:
     """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out.
 
@@ -691,6 +711,10 @@ def main(cfg: Any) -> float | None:
             plain["tracking"]["uri"] = sweep.tracking_uri
         kwargs = {"parent_run_id": sweep.parent_run_id, "experiment_id": sweep.experiment_id,
                   "tags": {"sweep.job": str(job_num), "sweep.name": sweep.name}}
+    if multirun and HydraConfig.initialized():
+        reporter = _trial_reporter(hc.sweeper, plain["tracking"])
+        if reporter is not None:
+            kwargs["callbacks"] = [reporter]
     if not multirun:  # in a sweep, a worker's age says nothing about this job
         kwargs["startup_seconds"] = process_age()
     try:

@@ -89,6 +89,11 @@ def current_context() -> SweepContext | None:
     return _current
 
 
+def launching_context() -> SweepContext | None:
+    """The sweep this process is launching (its parent run), or None: for the sweeper."""
+    return _launching.context if _launching is not None else None
+
+
 def _set_current(context: SweepContext | None) -> None:
     global _current
     _current = context

@@ -47,6 +47,11 @@ import pandas as pd
 METRICS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss")
 #: Statuses that count as a finished job; anything else (FAILED, KILLED, RUNNING) failed.
 OK_STATUS = "FINISHED"
+#: The status shown for a search trial that Optuna's pruner stopped (a finished run tagged
+#: ``sweep.trial_state=pruned``): neither finished with final metrics nor failed.
+PRUNED_STATUS = "PRUNED"
+TAG_TRIAL_STATE = "sweep.trial_state"
+TAG_PRUNED_EPOCH = "sweep.pruned_epoch"
 #: Parent-run tags written by pipeline.app.sweep and read here.
 TAG_ROLE = "sweep.role"
 TAG_NAME = "sweep.name"
@@ -110,8 +115,8 @@ class SweepReport:
 
     @property
     def failed(self) -> pd.DataFrame:
-        """The rows of jobs that did not finish."""
-        return self.table[self.table["status"] != OK_STATUS]
+        """The rows of jobs that did not finish (pruned trials are not failures)."""
+        return self.table[~self.table["status"].isin((OK_STATUS, PRUNED_STATUS))]
 
     @property
     def best(self) -> pd.Series | None:
@@ -322,6 +327,9 @@ def sweep_table(
             run_id=run["run_id"],
             start_time=run.get("start_time"),
         )
+        if run["status"] == OK_STATUS and run.get(f"tags.{TAG_TRIAL_STATE}") == "pruned":
+            row["status"] = PRUNED_STATUS
+            row["failure_reason"] = f"pruned at epoch {run.get(f'tags.{TAG_PRUNED_EPOCH}')}"
         if run["status"] == "RUNNING":
             row["failure_reason"] = (row["failure_reason"]
                                      or "still RUNNING (in progress, or its process died)")
