@@ -246,6 +246,7 @@ class TrackingConfig:
     run_name: str | None = None  # null = built from the config (run_name())
     log_model: bool = True
     animation: bool = True
+    explorer: bool = True  # explorer.html: the run played back, epoch by epoch
 
 
 @dataclass

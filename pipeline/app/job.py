@@ -308,6 +308,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
     predict_raw = _raw_proba(replicas.mean_predict_proba if replicas else model.predict_proba,
                              dataset)
     animation = None
+    explorer = None
+    initial_weights = None
     before = None
     bar = None
     status, reason, error = "FINISHED", None, None
@@ -323,6 +325,11 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 with timer("plots"):  # matplotlib's import and the first frame
                     animation = _start_animation(dataset, model, tcfg, predict_raw)
                 callbacks.append(animation[1])
+            initial_weights = [W.copy() for W in model.weights]
+            if trk.get("explorer", True) and replicas is None:
+                with timer("plots"):
+                    explorer = _start_explorer(dataset, model, tcfg)
+                callbacks.append(explorer)
         bar = ProgressBar(tcfg["epochs"], name,
                           enabled=want_progress(tcfg["progress"], parallel=parallel))
         callbacks.append(bar)
@@ -395,7 +402,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
                              before, animation, status, name, replicas, replica_table,
-                             final=metrics, restored=restored)
+                             final=metrics, restored=restored,
+                             initial_weights=initial_weights, explorer=explorer)
         except KeyboardInterrupt as exc:
             # A (second) Ctrl-C or a SIGTERM while saving: skip the remaining artifacts,
             # end the run with the metrics it has, and exit.
@@ -503,6 +511,51 @@ def _start_animation(dataset: Dataset, model: MLP, tcfg, predict_raw):
     return anim, anim.callback(predict_raw, epochs)
 
 
+def _hidden_layers(model: MLP, dataset: Dataset):
+    """``points -> [A_1, ..., A_{L-1}]``: the hidden activations for raw 2-D points."""
+
+    def hidden(points: np.ndarray) -> list[np.ndarray]:
+        return model.forward_layers(dataset.transform(points))[1][1:-1]
+
+    return hidden
+
+
+def _start_explorer(dataset: Dataset, model: MLP, tcfg):
+    """The explorer's recorder, at the boundary animation's epochs, with the untrained frame."""
+    from pipeline.viz.explorer import ExplorerRecorder
+    from pipeline.viz.plots import frame_epochs
+
+    recorder = ExplorerRecorder(
+        dataset.X_train_raw, dataset.y_train, dataset.X_test_raw, dataset.y_test,
+        hidden_layers=_hidden_layers(model, dataset),
+        predict_proba=_raw_proba(model.predict_proba, dataset),
+        weights=lambda: model.weights,
+        epochs=frame_epochs(tcfg["epochs"], tcfg.get("animation_frames", 40)),
+        sizes=model.sizes, class_names=[str(c) for c in dataset.classes],
+        feature_names=dataset.feature_names,
+        activation_names=[a.name for a in model.hidden_activations],
+    )
+    recorder.record(0)
+    return recorder
+
+
+def _network_pictures(tracker, model: MLP, dataset: Dataset, title: str, stage: str) -> None:
+    """``plots/neurons_<stage>.png`` and ``plots/network_<stage>.png`` of ``model``."""
+    from pipeline.viz.neurons import plane_grid, plot_network, plot_neurons, unit_maps
+
+    if len(model.sizes) < 3:  # no hidden layer: nothing to show but the boundary
+        return
+    grid = plane_grid(np.vstack([dataset.X_train_raw, dataset.X_test_raw]))
+    units = unit_maps(_hidden_layers(model, dataset), grid)
+    names = [a.name for a in model.hidden_activations]
+    tracker.log_figure(plot_neurons(units, title, activation_names=names),
+                       f"plots/neurons_{stage}.png")
+    tracker.log_figure(
+        plot_network(model.weights, units, _raw_proba(model.predict_proba, dataset), title,
+                     feature_names=dataset.feature_names, activation_names=names),
+        f"plots/network_{stage}.png")
+
+
 def _boundary_renderer(dataset: Dataset):
     from pipeline.viz.plots import BoundaryRenderer
 
@@ -558,7 +611,8 @@ def _thread_limit(setting: object, parallel: bool) -> Iterator[None]:
 
 def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, before,
                  animation, status, name, replicas, replica_table, *,
-                 final: Mapping[str, float], restored: int | None) -> None:
+                 final: Mapping[str, float], restored: int | None,
+                 initial_weights=None, explorer=None) -> None:
     """Every artifact of the run, for the state the model reached (``final``: its final
     metrics, those of epoch ``restored`` when early stopping kept an earlier epoch)."""
     import matplotlib
@@ -610,6 +664,16 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
             with tempfile.TemporaryDirectory() as tmp:
                 gif = animation[0].save_gif(Path(tmp) / "boundary.gif")
                 tracker.log_artifact(gif, "plots")
+        if initial_weights is not None:
+            untrained = model.copy()
+            for W, W0 in zip(untrained.weights, initial_weights, strict=True):
+                W[...] = W0
+            _network_pictures(tracker, untrained, dataset, f"{name}: before training", "before")
+        if not diverged:
+            _network_pictures(tracker, model, dataset, title, "after")
+        if explorer is not None and len(explorer.frames) > 1:
+            tracker.log_text(explorer.html(history.metrics, history.epochs, name),
+                             "explorer.html")
     with timer("logging"):
         tracker.barrier()  # everything above logged, or its error raised here
 

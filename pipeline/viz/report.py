@@ -111,6 +111,7 @@ class SweepReport:
     best_mode: str = DEFAULT_BEST[1]
     notes: list[str] = field(default_factory=list)
     grids: dict[str, pd.DataFrame] = field(default_factory=dict)
+    pages: dict[str, str] = field(default_factory=dict)  # name -> self-contained HTML
     _pngs: dict[tuple[str, int], bytes] = field(default_factory=dict, repr=False)
 
     @property
@@ -125,10 +126,11 @@ class SweepReport:
         return self.table[self.table["run_id"] == self.best_run_id].iloc[0]
 
     def files(self) -> dict[str, Any]:
-        """Artifact name -> content (DataFrame for CSV, Figure for PNG, dict for JSON)."""
+        """Artifact name -> content (DataFrame for CSV, Figure for PNG, str for HTML)."""
         out: dict[str, Any] = {"summary.csv": self.table}
         out.update({f"{name}.csv": grid for name, grid in self.grids.items()})
         out.update(self.figures)
+        out.update(self.pages)
         return out
 
     def png(self, name: str, dpi: int = 100) -> bytes:
@@ -150,6 +152,8 @@ class SweepReport:
             path = directory / name
             if isinstance(content, pd.DataFrame):
                 content.to_csv(path, index=name != "summary.csv")
+            elif isinstance(content, str):
+                path.write_text(content, encoding="utf-8")
             else:
                 path.write_bytes(self.png(name, dpi))
             written.append(path)
@@ -681,7 +685,97 @@ def build_report(
         report.notes.extend(notes)
         if fig is not None:
             report.figures["boundaries.png"] = fig
+        page = networks_page(uri, table, keys, best)
+        if page is not None:
+            report.pages["networks.html"] = page
     return report
+
+
+def networks_page(uri: str, table: pd.DataFrame, keys: Sequence[str],
+                  best_run_id: str | None) -> str | None:
+    """One page with every finished job's final network drawing, to flip through or compare.
+
+    The drawings are the jobs' own ``plots/network_after.png`` (see
+    :mod:`pipeline.viz.neurons`), embedded, so the page needs nothing else; None when no
+    job logged one (runs from before the drawings existed, or untracked plots).
+    """
+    import base64
+    import html
+    import tempfile
+
+    tracking = _tracking()
+    cards = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, row in table[table["status"] == OK_STATUS].iterrows():
+            try:
+                path = tracking.download_artifact(uri, row["run_id"], "plots/network_after.png",
+                                                  Path(tmp) / row["run_id"])
+            except Exception:  # an older run without the drawing: leave it out
+                continue
+            label = ", ".join(f"{k}={_fmt(row[k])}" for k in keys) or str(row["run_name"])
+            scores = "  ".join(f"{m} {row[m]:.4f}" for m in METRICS[:2]
+                               if m in row and np.isfinite(row[m]))
+            cards.append({"label": label, "scores": scores, "run": str(row["run_name"]),
+                          "best": row["run_id"] == best_run_id,
+                          "png": base64.b64encode(path.read_bytes()).decode("ascii")})
+    if not cards:
+        return None
+    items = "\n".join(
+        f'<figure class="card{" best" if c["best"] else ""}" data-i="{i}">'
+        f'<img alt="network of {html.escape(c["run"])}" src="data:image/png;base64,{c["png"]}">'
+        f'<figcaption><b>{html.escape(c["label"])}</b>{" (best)" if c["best"] else ""}'
+        f'<br>{html.escape(c["scores"])}</figcaption></figure>'
+        for i, c in enumerate(cards))
+    return _NETWORKS_PAGE.replace("__CARDS__", items).replace("__N__", str(len(cards)))
+
+
+_NETWORKS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>sweep: final networks</title>
+<style>
+ body { font: 13px/1.4 system-ui, sans-serif; margin: 16px; color: #222; }
+ #grid { display: flex; flex-wrap: wrap; gap: 12px; }
+ .card { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 6px; width: 300px;
+         cursor: pointer; }
+ .card.best { border-color: #2a7; box-shadow: 0 0 0 2px #2a7 inset; }
+ .card img { width: 100%; }
+ body.one #grid .card { display: none; }
+ body.one #grid .card.on { display: block; width: min(900px, 95vw); cursor: default; }
+ #bar { margin-bottom: 10px; display: flex; gap: 8px; align-items: center; }
+</style></head>
+<body>
+<div id="bar"><button id="mode" type="button">One at a time</button>
+ <button id="prev" type="button">&larr;</button><button id="next" type="button">&rarr;</button>
+ <span id="pos"></span> <span>__N__ jobs: each finished job's network after training
+ (click one to enlarge; arrow keys flip)</span></div>
+<div id="grid">
+__CARDS__
+</div>
+<script>
+"use strict";
+const cards = [...document.querySelectorAll(".card")];
+let i = 0;
+function show(k) {
+  i = (k + cards.length) % cards.length;
+  cards.forEach((c, j) => c.classList.toggle("on", j === i));
+  document.getElementById("pos").textContent = document.body.classList.contains("one")
+    ? `${i + 1} / ${cards.length}` : "";
+}
+document.getElementById("mode").onclick = () => {
+  document.body.classList.toggle("one"); show(i);
+  document.getElementById("mode").textContent =
+    document.body.classList.contains("one") ? "All side by side" : "One at a time";
+};
+function flip(k) { document.body.classList.add("one"); show(k); }
+document.getElementById("prev").onclick = () => flip(i - 1);
+document.getElementById("next").onclick = () => flip(i + 1);
+cards.forEach((c, j) => c.onclick = () => { document.body.classList.add("one"); show(j); });
+document.addEventListener("keydown", e => {
+  if (e.key === "ArrowRight") { document.body.classList.add("one"); show(i + 1); }
+  if (e.key === "ArrowLeft") { document.body.classList.add("one"); show(i - 1); }
+});
+show(0);
+</script></body></html>
+"""
 
 
 # --------------------------------------------------------------------------------- CLI
@@ -762,6 +856,8 @@ def log_report(uri: str, parent_run_id: str, report: SweepReport, tracker: Any =
         artifact = f"sweep/{name}"
         if isinstance(content, pd.DataFrame):
             tracker.log_text(content.to_csv(index=name != "summary.csv"), artifact)
+        elif isinstance(content, str):
+            tracker.log_text(content, artifact)
         else:
             tracker.log_bytes(report.png(name), artifact)
     tags = {"sweep.n_jobs": len(report.table), "sweep.n_failed": len(report.failed)}

@@ -95,7 +95,7 @@ def test_default_keys_are_the_documented_ones(default_cfg):
         "hidden_sizes", "activation", "activation_params", "output", "loss", "init", "bias",
     }
     assert set(default_cfg.tracking) == {
-        "kind", "uri", "experiment", "run_name", "log_model", "animation",
+        "kind", "uri", "experiment", "run_name", "log_model", "animation", "explorer",
     }
     assert {"name", "n_samples", "noise", "test_fraction", "seed"} <= set(default_cfg.dataset)
 

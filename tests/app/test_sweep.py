@@ -215,6 +215,11 @@ def test_basic_launcher_2x2_sweep_one_parent_four_children(run_train, tmp_path, 
     check_heatmap_cells(client, parent, table, tmp_path / "dl2", "model.hidden_sizes",
                         "optimizer.lr")
     assert "sweep/boundaries.png" in artifact_names(client, parent.info.run_id, "sweep")
+    # Every job's final network drawing, on one page to flip through.
+    page = artifact_text(client, parent.info.run_id, "sweep/networks.html", tmp_path / "dl3")
+    assert page.count('<figure class="card') == 4
+    assert page.count("data:image/png;base64,") == 4 and "<script src" not in page
+    assert "model.hidden_sizes=[8], optimizer.lr=0.1" in page
     assert parent.data.tags["sweep.launcher"] == "basic"
     assert "4 jobs, 0 failed" in proc.stdout
     # The standalone report rebuilds the same table from MLflow alone.
