@@ -26,12 +26,14 @@ Hydra is imported lazily (only :func:`register_configs`, :func:`load_config` and
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +386,63 @@ class ConfigError(ValueError):
         self.allowed = _one_line(allowed)
         # `message` keeps the wording of an engine ValueError that already names its key.
         super().__init__(_one_line(message) or f"{self.key}={self.value}: {self.allowed}")
+
+
+#: ``<argument>=<value>: <what is allowed>``, how the constructors word a bad value.
+_ARGUMENT_ERROR = re.compile(r"^([A-Za-z_][\w.]*)=(.*?): (.+)$")
+
+
+def keyed_error(
+    exc: ValueError, section: str, keys: Mapping[str, str] | None = None
+) -> ConfigError | None:
+    """A constructor's ``ValueError`` as a :class:`ConfigError` naming the config key.
+
+    The library checks the values it is given and words a bad one as
+    ``<argument>=<value>: <what is allowed>`` (``lr=-1: must be a positive number``); it
+    knows no config keys. The edge puts them in: ``keys`` maps an argument to its key
+    (``{"sizes": "model.hidden_sizes"}``), and any other argument ``a`` is ``section.a``.
+    Other arguments named in the message (``must be <= lr=0.1``) get their keys too.
+    Returns None for a message not worded that way.
+    """
+    text = _one_line(str(exc))
+    m = _ARGUMENT_ERROR.match(text)
+    if m is None:
+        return None
+    keys = dict(keys or {})
+    section_fields = _schema_fields(SECTION_SCHEMAS.get(section))
+
+    def key_of(argument: str) -> str:
+        return keys.get(argument) or f"{section}.{argument}"
+
+    argument, value_text, allowed = m.groups()
+    named = set(keys) | set(section_fields)
+    allowed = re.sub(r"(?<![\w.])([A-Za-z_]\w*)(?==)",
+                     lambda w: key_of(w.group(1)) if w.group(1) in named else w.group(1),
+                     allowed)
+    try:
+        value: Any = ast.literal_eval(value_text)  # the constructor shows repr(value)
+    except (ValueError, SyntaxError):
+        return ConfigError(key_of(argument), value_text, allowed, raw=True)
+    return ConfigError(key_of(argument), value, allowed)
+
+
+@contextmanager
+def config_keys(section: str, keys: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Re-raise a constructor's bad-value ``ValueError`` as a :class:`ConfigError` naming
+    the config key (see :func:`keyed_error`)::
+
+        with config_keys("optimizer"):
+            make_optimizer(**optimizer_kwargs(cfg))
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        err = keyed_error(exc, section, keys)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -899,7 +958,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
 
     _validate_dataset(root["dataset"])
     _validate_model(root["model"], expected_classes(root["dataset"]))
-    _validate_optimizer(root["optimizer"])
+    _check_optimizer(root)
     _validate_trainer(root["trainer"], root["dataset"])
     _validate_tracking(root["tracking"])
 
@@ -1064,54 +1123,12 @@ def _check_head(output: str, loss: str, n_classes: int | None, losses: Sequence[
             raise ConfigError("model.loss", loss, str(exc)) from None
 
 
-def _validate_optimizer(o: Mapping[str, Any]) -> None:
-    _known("optimizer.name", o["name"], _names("optim"), "optimizer")
-    lr = o["lr"]
-    _number("optimizer.lr", lr, "must be a positive number", _is_num(lr) and lr > 0)
-    for key in ("weight_decay", "l1"):
-        v = o[key]
-        _number(f"optimizer.{key}", v, "must be a number >= 0", _is_num(v) and v >= 0)
-    for key in ("momentum", "beta1", "beta2", "rho"):
-        if key in o:
-            v = o[key]
-            _number(f"optimizer.{key}", v, "must be a number in [0, 1)", _is_num(v) and 0 <= v < 1)
-    if "eps" in o:
-        v = o["eps"]
-        _number("optimizer.eps", v, "must be a positive number", _is_num(v) and v > 0)
-    schedule = o["schedule"]
-    _known("optimizer.schedule", schedule, _names("schedules"), "schedule")
-    uses = {
-        "constant": (),
-        "step": ("step_size", "gamma"),
-        "exponential": ("gamma",),
-        "cosine": ("t_max", "min_lr"),
-        "inverse_scaling": ("power_t",),
-    }
-    from pipeline.engine.optim import SCHEDULES
+def _check_optimizer(root: Mapping[str, Any]) -> None:
+    """The optimiser's values, checked by the constructor that uses them."""
+    from pipeline.engine.optim import make_optimizer
 
-    if schedule in SCHEDULES:
-        uses[schedule] = tuple(SCHEDULES[schedule].defaults)
-    sp = o.get("schedule_params") or {}
-    for key, v in sp.items():
-        full = f"optimizer.schedule_params.{key}"
-        if v is None:
-            continue
-        if key not in uses.get(schedule, ()):
-            takes = ", ".join(uses.get(schedule, ())) or "none"
-            raise ConfigError(
-                full, v, f"not a parameter of schedule {schedule} (it takes: {takes}); set it null"
-            )
-        if key in ("step_size", "t_max"):
-            _int_at_least(full, v, 1)
-        elif key == "gamma":
-            _number(full, v, "must be a number in (0, 1]", _is_num(v) and 0 < v <= 1)
-        elif key in ("min_lr", "power_t"):
-            _number(full, v, "must be a number >= 0", _is_num(v) and v >= 0)
-    min_lr = sp.get("min_lr")
-    if schedule == "cosine" and min_lr is not None and min_lr > lr:
-        raise ConfigError(
-            "optimizer.schedule_params.min_lr", min_lr, f"must be <= optimizer.lr={lr}"
-        )
+    with config_keys("optimizer"):
+        make_optimizer(**optimizer_kwargs(root))
 
 
 def _validate_trainer(t: Mapping[str, Any], d: Mapping[str, Any]) -> None:
