@@ -409,13 +409,15 @@ def keyed_error(
     if m is None:
         return None
     keys = dict(keys or {})
-    section_fields = _schema_fields(SECTION_SCHEMAS.get(section))
+    schema = SECTION_SCHEMAS.get(section)
+    section_fields = {name for option in ([schema, *schema.__subclasses__()] if schema else [])
+                      for name in _schema_fields(option)}
 
     def key_of(argument: str) -> str:
         return keys.get(argument) or f"{section}.{argument}"
 
     argument, value_text, allowed = m.groups()
-    named = set(keys) | set(section_fields)
+    named = set(keys) | section_fields
     allowed = re.sub(r"(?<![\w.])([A-Za-z_]\w*)(?==)",
                      lambda w: key_of(w.group(1)) if w.group(1) in named else w.group(1),
                      allowed)
@@ -956,98 +958,20 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         if missing:
             raise ConfigError(f"{section}.{missing[0]}", "???", "must be set")
 
-    _validate_dataset(root["dataset"])
+    _check_dataset(root)
     _validate_model(root["model"], expected_classes(root["dataset"]))
     _check_optimizer(root)
     _validate_trainer(root["trainer"], root["dataset"])
     _validate_tracking(root["tracking"])
 
 
-def _validate_dataset(d: Mapping[str, Any]) -> None:
-    name = d["name"]
-    _known("dataset.name", name, _names("data"), "dataset")
-    if name == "csv":
-        _int_at_least("dataset.n_samples", d["n_samples"], 1, nullable="every row")
-    else:
-        _int_at_least("dataset.n_samples", d["n_samples"], 1)
-    _number(
-        "dataset.noise",
-        d["noise"],
-        "must be a number >= 0",
-        _is_num(d["noise"]) and d["noise"] >= 0,
-    )
-    tf = d["test_fraction"]
-    _number("dataset.test_fraction", tf, "must be a number in (0, 1)", _is_num(tf) and 0 < tf < 1)
-    seed = d["seed"]
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError("dataset.seed", seed, "must be an integer in [0, 2**32-1]")
-    classes = d.get("classes")
-    if name == "quadrants" and classes not in (2, 4):
-        raise ConfigError("dataset.classes", classes, "must be 4 (by quadrant) or 2 (sign of x*y)")
-    if name in ("spirals", "blobs"):
-        _int_at_least("dataset.classes", classes, 2)
-    if name == "csv":
-        _int_at_least("dataset.classes", classes, 2, nullable="whatever the file holds")
-    if "factor" in d:
-        f = d["factor"]
-        _number("dataset.factor", f, "must be a number in (0, 1)", _is_num(f) and 0 < f < 1)
-    if "turns" in d:
-        t = d["turns"]
-        _number("dataset.turns", t, "must be a number > 0", _is_num(t) and t > 0)
-    if "margin" in d:
-        m = d["margin"]
-        _number("dataset.margin", m, "must be a number >= 0", _is_num(m) and m >= 0)
-    if name == "csv":
-        _validate_csv(d)
-    k = expected_classes(d)
-    n = d["n_samples"]
-    if k is not None and n is not None:
-        need = _min_samples(k, tf)
-        if n < need:
-            raise ConfigError(
-                "dataset.n_samples",
-                n,
-                f"too few to put each of the {k} classes in both splits with "
-                f"dataset.test_fraction={format_value(tf)}; need at least {need}",
-            )
+def _check_dataset(root: Mapping[str, Any]) -> None:
+    """The data set's values, checked by the constructor that uses them (which makes the
+    data: a few milliseconds for the generators, one read of a CSV)."""
+    from pipeline.data.datasets import make_dataset
 
-
-def _min_samples(k: int, test_fraction: float) -> int:
-    """Smallest n whose stratified split has >= k rows in each split (as pipeline.data.datasets)."""
-    from pipeline.data.datasets import min_samples
-
-    return int(min_samples(k, test_fraction))
-
-
-def _validate_csv(d: Mapping[str, Any]) -> None:
-    path = d["path"]
-    if not isinstance(path, str) or not path.strip():
-        raise ConfigError("dataset.path", path, "must be the path of a CSV file")
-    resolved = Path(path).expanduser()
-    if not resolved.is_absolute():
-        resolved = project_root() / resolved
-    if not resolved.is_file():
-        raise ConfigError(
-            "dataset.path",
-            path,
-            f"no such file ({resolved}); give a CSV path relative to the project root or absolute",
-        )
-    label = d["label_column"]
-    if not isinstance(label, str) or not label:
-        raise ConfigError("dataset.label_column", label, "must be a column name")
-    cols = d.get("feature_columns")
-    if cols is not None and (
-        not isinstance(cols, list)
-        or len(cols) != 2
-        or len(set(cols)) != 2
-        or label in cols
-        or not all(isinstance(c, str) and c for c in cols)
-    ):
-        raise ConfigError(
-            "dataset.feature_columns",
-            cols,
-            "must be null or two different column names other than the label column",
-        )
+    with config_keys("dataset"):
+        make_dataset(root["dataset"]["name"], **dataset_kwargs(root))
 
 
 def _validate_model(m: Mapping[str, Any], n_classes: int | None) -> None:

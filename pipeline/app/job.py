@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.app.config import (
+    config_keys,
     dataset_kwargs,
     optimizer_kwargs,
     project_root,
@@ -187,6 +188,11 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+#: The config key of each :class:`MLP` argument :func:`build_model` fills (others are
+#: ``model.<argument>``).
+MODEL_KEYS = {"sizes": "model.hidden_sizes", "seed": "trainer.seed", "dtype": "trainer.dtype"}
+
+
 def build_model(config: Mapping[str, Any], dataset: Dataset) -> MLP:
     """The network the config describes, sized for the dataset."""
     m, t = config["model"], config["trainer"]
@@ -278,10 +284,13 @@ def run(
 
 def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experiment_id, tags,
          parallel, echo) -> RunResult:
-    with timer("data"):
+    # The constructors check the values; a bad one is reported with its config key.
+    with timer("data"), config_keys("dataset"):
         dataset = make_dataset(config["dataset"]["name"], **dataset_kwargs(config))
-    model = build_model(config, dataset)
-    optimizer = make_optimizer(**optimizer_kwargs(config))
+    with config_keys("model", MODEL_KEYS):
+        model = build_model(config, dataset)
+    with config_keys("optimizer"):
+        optimizer = make_optimizer(**optimizer_kwargs(config))
     name = run_name(config)
 
     tracker = None
