@@ -1,31 +1,32 @@
-"""Whole runs of ``train.py``: wall time, its phases, and what tracking costs the run.
+"""Whole runs of ``train.py``: wall time, its phases, and what each process tuning of
+:mod:`pipeline.app.process` earns.
 
 Run from the project root::
 
-    python benchmarks/bench_run.py                 # default run: 3 ways, 5 repeats each
-    python benchmarks/bench_run.py --sweep         # also the 8-job sweep, basic vs joblib
+    python benchmarks/bench_run.py                 # default run: 5 ways, 5 repeats each
+    python benchmarks/bench_run.py --sweep         # also the 8-job sweep, 3 ways
     python benchmarks/bench_run.py --repeats 3 -- trainer.epochs=1000   # other overrides
     python benchmarks/bench_run.py --sweep-only -- trainer.epochs=3000  # sweep of longer jobs
+
+To see whether a mechanism pays with one core busy, run a CPU-bound process beside it
+(``python -c "while True: pass" &``, and kill it after).
 
 Every repeat runs the ways side by side (A, B, C, A, B, C, ...) so that a slow spell of
 the machine hits them alike; medians are reported. Each way writes to its own fresh
 SQLite store in a temporary directory (never the project's ``mlflow.db``).
 
-- **service**: ``python train.py`` as users run it; MLflow works in the tracking service
-  process (:mod:`pipeline.tracking.service`) while the run trains and draws.
-- **in-process**: the same with ``BACKPROP_TRACKING_SERVICE=0``: MLflow in the training
-  process, as before the service existed.
+- **tuned**: ``python train.py`` as users run it, every mechanism on.
+- **no-gc-pause**: ``BACKPROP_GC_PAUSE=0``: the garbage collector left on during the
+  imports (and the heap never frozen).
+- **no-fast-exit**: ``BACKPROP_FAST_EXIT=0``: the interpreter's normal teardown at exit.
+- **untuned**: both off.
 - **untracked**: ``tracking=none`` (no MLflow, no plots): what the run costs without any
   of it.
 
-Phases come from the run's own ``time/*`` metrics. ``logging`` is the time the training
-process spends on tracking (sending, and waiting for the store); with the service that
-is what MLflow adds to the run's wall time, and ``tracking_service`` is the work the
-service did on the other core meanwhile.
-
-``--sweep`` times ``python train.py -m model.hidden_sizes=[4],[8],[16],[32]
-optimizer.lr=0.01,0.1`` (8 default jobs) with Hydra's basic launcher and with the joblib
-launcher on 2 workers.
+Phases come from the run's own ``time/*`` metrics. ``--sweep`` times ``python train.py -m
+model.hidden_sizes=[4],[8],[16],[32] optimizer.lr=0.01,0.1`` (8 default jobs) with Hydra's
+basic launcher, with the joblib launcher on 2 workers forked warm, and with joblib's own
+cold workers (``BACKPROP_PREWARM=0``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
 
 WAYS = {
-    "service": ((), {}),
-    "in-process": ((), {"BACKPROP_TRACKING_SERVICE": "0"}),
+    "tuned": ((), {}),
+    "no-gc-pause": ((), {"BACKPROP_GC_PAUSE": "0"}),
+    "no-fast-exit": ((), {"BACKPROP_FAST_EXIT": "0"}),
+    "untuned": ((), {"BACKPROP_GC_PAUSE": "0", "BACKPROP_FAST_EXIT": "0"}),
     "untracked": (("tracking=none",), {}),
 }
-PHASES = ("startup", "data", "train", "evaluation", "callbacks", "plots", "logging",
-          "tracking_service")
+PHASES = ("startup", "data", "train", "evaluation", "callbacks", "plots", "logging")
 SWEEP = ("-m", "model.hidden_sizes=[4],[8],[16],[32]", "optimizer.lr=0.01,0.1")
+_JOBLIB = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
 SWEEP_WAYS = {
-    "basic": (),
-    "joblib-2": ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
+    "basic": ((), {}),
+    "joblib-warm": (_JOBLIB, {}),
+    "joblib-cold": (_JOBLIB, {"BACKPROP_PREWARM": "0"}),
 }
 
 
@@ -100,7 +104,7 @@ def bench_runs(repeats: int, overrides: list[str], work: Path) -> None:
             for key, value in _last_phases(store).items():
                 phases[way].setdefault(key, []).append(value)
     print(f"python train.py {' '.join(overrides)}: medians of {repeats} interleaved repeats")
-    header = f"{'way':<12}{'wall':>8}" + "".join(f"{p:>17}" for p in PHASES)
+    header = f"{'way':<15}{'wall':>8}" + "".join(f"{p:>17}" for p in PHASES)
     print(header)
     print("-" * len(header))
     med = {w: statistics.median(v) for w, v in walls.items()}
@@ -108,34 +112,32 @@ def bench_runs(repeats: int, overrides: list[str], work: Path) -> None:
         cells = "".join(
             f"{statistics.median(phases[way][p]):>16.2f}s" if p in phases[way] else f"{'-':>17}"
             for p in PHASES)
-        print(f"{way:<12}{med[way]:>7.2f}s{cells}")
-    for way in ("service", "in-process"):
-        ph = phases[way]
-        if "logging" in ph:
-            logging_s = statistics.median(ph["logging"])
-            print(f"{way}: tracking on the run's critical path {logging_s:.2f} s = "
-                  f"{100 * logging_s / med[way]:.1f}% of its wall time")
-        if "plots" in ph and "train" in ph:
-            print(f"{way}: plots {statistics.median(ph['plots']):.2f} s vs training "
-                  f"{statistics.median(ph['train']):.2f} s")
-    print(f"service / in-process wall: {med['service'] / med['in-process']:.2f}x; "
-          f"service - untracked: {med['service'] - med['untracked']:.2f} s")
+        print(f"{way:<15}{med[way]:>7.2f}s{cells}")
+    ph = phases["tuned"]
+    if "logging" in ph:
+        logging_s = statistics.median(ph["logging"])
+        print(f"tuned: tracking on the run's critical path {logging_s:.2f} s = "
+              f"{100 * logging_s / med['tuned']:.1f}% of its wall time")
+    for way in ("no-gc-pause", "no-fast-exit", "untuned"):
+        print(f"tuned / {way}: {med['tuned'] / med[way]:.2f}x ({med[way] - med['tuned']:+.2f} s)")
 
 
 def bench_sweep(repeats: int, work: Path, overrides: list[str] = ()) -> None:
     walls: dict[str, list[float]] = {w: [] for w in SWEEP_WAYS}
     for i in range(repeats):
-        for way, args in SWEEP_WAYS.items():
+        for way, (args, extra) in SWEEP_WAYS.items():
             store = work / f"sweep-{way}-{i}"
             store.mkdir()
             command = [sys.executable, str(TRAIN), *SWEEP, *overrides, *args,
                        f"hydra.sweep.dir={work / 'multirun' / way / str(i)}"]
-            walls[way].append(_timed(command, _env(store, {}), work))
+            walls[way].append(_timed(command, _env(store, extra), work))
     med = {w: statistics.median(v) for w, v in walls.items()}
     print(f"\n8-job sweep ({' '.join([*SWEEP, *overrides])}), medians of {repeats}:")
     for way in SWEEP_WAYS:
-        print(f"  {way:<9} {med[way]:6.1f} s   (runs: {', '.join(f'{s:.1f}' for s in walls[way])})")
-    print(f"  joblib-2 / basic: {med['joblib-2'] / med['basic']:.2f}x")
+        runs = ", ".join(f"{s:.1f}" for s in walls[way])
+        print(f"  {way:<12} {med[way]:6.1f} s   (runs: {runs})")
+    print(f"  joblib-warm / basic: {med['joblib-warm'] / med['basic']:.2f}x; "
+          f"joblib-warm / joblib-cold: {med['joblib-warm'] / med['joblib-cold']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

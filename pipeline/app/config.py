@@ -26,12 +26,14 @@ Hydra is imported lazily (only :func:`register_configs`, :func:`load_config` and
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +387,65 @@ class ConfigError(ValueError):
         self.allowed = _one_line(allowed)
         # `message` keeps the wording of an engine ValueError that already names its key.
         super().__init__(_one_line(message) or f"{self.key}={self.value}: {self.allowed}")
+
+
+#: ``<argument>=<value>: <what is allowed>``, how the constructors word a bad value.
+_ARGUMENT_ERROR = re.compile(r"^([A-Za-z_][\w.]*)=(.*?): (.+)$")
+
+
+def keyed_error(
+    exc: ValueError, section: str, keys: Mapping[str, str] | None = None
+) -> ConfigError | None:
+    """A constructor's ``ValueError`` as a :class:`ConfigError` naming the config key.
+
+    The library checks the values it is given and words a bad one as
+    ``<argument>=<value>: <what is allowed>`` (``lr=-1: must be a positive number``); it
+    knows no config keys. The edge puts them in: ``keys`` maps an argument to its key
+    (``{"sizes": "model.hidden_sizes"}``), and any other argument ``a`` is ``section.a``.
+    Other arguments named in the message (``must be <= lr=0.1``) get their keys too.
+    Returns None for a message not worded that way.
+    """
+    text = _one_line(str(exc))
+    m = _ARGUMENT_ERROR.match(text)
+    if m is None:
+        return None
+    keys = dict(keys or {})
+    schema = SECTION_SCHEMAS.get(section)
+    section_fields = {name for option in ([schema, *schema.__subclasses__()] if schema else [])
+                      for name in _schema_fields(option)}
+
+    def key_of(argument: str) -> str:
+        return keys.get(argument) or f"{section}.{argument}"
+
+    argument, value_text, allowed = m.groups()
+    named = set(keys) | section_fields
+    allowed = re.sub(r"(?<![\w.])([A-Za-z_]\w*)(?==)",
+                     lambda w: key_of(w.group(1)) if w.group(1) in named else w.group(1),
+                     allowed)
+    try:
+        value: Any = ast.literal_eval(value_text)  # the constructor shows repr(value)
+    except (ValueError, SyntaxError):
+        return ConfigError(key_of(argument), value_text, allowed, raw=True)
+    return ConfigError(key_of(argument), value, allowed)
+
+
+@contextmanager
+def config_keys(section: str, keys: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Re-raise a constructor's bad-value ``ValueError`` as a :class:`ConfigError` naming
+    the config key (see :func:`keyed_error`)::
+
+        with config_keys("optimizer"):
+            make_optimizer(**optimizer_kwargs(cfg))
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        err = keyed_error(exc, section, keys)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -898,98 +959,20 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         if missing:
             raise ConfigError(f"{section}.{missing[0]}", "???", "must be set")
 
-    _validate_dataset(root["dataset"])
+    _check_dataset(root)
     _validate_model(root["model"], expected_classes(root["dataset"]))
-    _validate_optimizer(root["optimizer"])
+    _check_optimizer(root)
     _validate_trainer(root["trainer"], root["dataset"])
     _validate_tracking(root["tracking"])
 
 
-def _validate_dataset(d: Mapping[str, Any]) -> None:
-    name = d["name"]
-    _known("dataset.name", name, _names("data"), "dataset")
-    if name == "csv":
-        _int_at_least("dataset.n_samples", d["n_samples"], 1, nullable="every row")
-    else:
-        _int_at_least("dataset.n_samples", d["n_samples"], 1)
-    _number(
-        "dataset.noise",
-        d["noise"],
-        "must be a number >= 0",
-        _is_num(d["noise"]) and d["noise"] >= 0,
-    )
-    tf = d["test_fraction"]
-    _number("dataset.test_fraction", tf, "must be a number in (0, 1)", _is_num(tf) and 0 < tf < 1)
-    seed = d["seed"]
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError("dataset.seed", seed, "must be an integer in [0, 2**32-1]")
-    classes = d.get("classes")
-    if name == "quadrants" and classes not in (2, 4):
-        raise ConfigError("dataset.classes", classes, "must be 4 (by quadrant) or 2 (sign of x*y)")
-    if name in ("spirals", "blobs"):
-        _int_at_least("dataset.classes", classes, 2)
-    if name == "csv":
-        _int_at_least("dataset.classes", classes, 2, nullable="whatever the file holds")
-    if "factor" in d:
-        f = d["factor"]
-        _number("dataset.factor", f, "must be a number in (0, 1)", _is_num(f) and 0 < f < 1)
-    if "turns" in d:
-        t = d["turns"]
-        _number("dataset.turns", t, "must be a number > 0", _is_num(t) and t > 0)
-    if "margin" in d:
-        m = d["margin"]
-        _number("dataset.margin", m, "must be a number >= 0", _is_num(m) and m >= 0)
-    if name == "csv":
-        _validate_csv(d)
-    k = expected_classes(d)
-    n = d["n_samples"]
-    if k is not None and n is not None:
-        need = _min_samples(k, tf)
-        if n < need:
-            raise ConfigError(
-                "dataset.n_samples",
-                n,
-                f"too few to put each of the {k} classes in both splits with "
-                f"dataset.test_fraction={format_value(tf)}; need at least {need}",
-            )
+def _check_dataset(root: Mapping[str, Any]) -> None:
+    """The data set's values, checked by the constructor that uses them (which makes the
+    data: a few milliseconds for the generators, one read of a CSV)."""
+    from pipeline.data.datasets import make_dataset
 
-
-def _min_samples(k: int, test_fraction: float) -> int:
-    """Smallest n whose stratified split has >= k rows in each split (as pipeline.data.datasets)."""
-    from pipeline.data.datasets import min_samples
-
-    return int(min_samples(k, test_fraction))
-
-
-def _validate_csv(d: Mapping[str, Any]) -> None:
-    path = d["path"]
-    if not isinstance(path, str) or not path.strip():
-        raise ConfigError("dataset.path", path, "must be the path of a CSV file")
-    resolved = Path(path).expanduser()
-    if not resolved.is_absolute():
-        resolved = project_root() / resolved
-    if not resolved.is_file():
-        raise ConfigError(
-            "dataset.path",
-            path,
-            f"no such file ({resolved}); give a CSV path relative to the project root or absolute",
-        )
-    label = d["label_column"]
-    if not isinstance(label, str) or not label:
-        raise ConfigError("dataset.label_column", label, "must be a column name")
-    cols = d.get("feature_columns")
-    if cols is not None and (
-        not isinstance(cols, list)
-        or len(cols) != 2
-        or len(set(cols)) != 2
-        or label in cols
-        or not all(isinstance(c, str) and c for c in cols)
-    ):
-        raise ConfigError(
-            "dataset.feature_columns",
-            cols,
-            "must be null or two different column names other than the label column",
-        )
+    with config_keys("dataset"):
+        make_dataset(root["dataset"]["name"], **dataset_kwargs(root))
 
 
 def _validate_model(m: Mapping[str, Any], n_classes: int | None) -> None:
@@ -1065,54 +1048,12 @@ def _check_head(output: str, loss: str, n_classes: int | None, losses: Sequence[
             raise ConfigError("model.loss", loss, str(exc)) from None
 
 
-def _validate_optimizer(o: Mapping[str, Any]) -> None:
-    _known("optimizer.name", o["name"], _names("optim"), "optimizer")
-    lr = o["lr"]
-    _number("optimizer.lr", lr, "must be a positive number", _is_num(lr) and lr > 0)
-    for key in ("weight_decay", "l1"):
-        v = o[key]
-        _number(f"optimizer.{key}", v, "must be a number >= 0", _is_num(v) and v >= 0)
-    for key in ("momentum", "beta1", "beta2", "rho"):
-        if key in o:
-            v = o[key]
-            _number(f"optimizer.{key}", v, "must be a number in [0, 1)", _is_num(v) and 0 <= v < 1)
-    if "eps" in o:
-        v = o["eps"]
-        _number("optimizer.eps", v, "must be a positive number", _is_num(v) and v > 0)
-    schedule = o["schedule"]
-    _known("optimizer.schedule", schedule, _names("schedules"), "schedule")
-    uses = {
-        "constant": (),
-        "step": ("step_size", "gamma"),
-        "exponential": ("gamma",),
-        "cosine": ("t_max", "min_lr"),
-        "inverse_scaling": ("power_t",),
-    }
-    from pipeline.engine.optim import SCHEDULES
+def _check_optimizer(root: Mapping[str, Any]) -> None:
+    """The optimiser's values, checked by the constructor that uses them."""
+    from pipeline.engine.optim import make_optimizer
 
-    if schedule in SCHEDULES:
-        uses[schedule] = tuple(SCHEDULES[schedule].defaults)
-    sp = o.get("schedule_params") or {}
-    for key, v in sp.items():
-        full = f"optimizer.schedule_params.{key}"
-        if v is None:
-            continue
-        if key not in uses.get(schedule, ()):
-            takes = ", ".join(uses.get(schedule, ())) or "none"
-            raise ConfigError(
-                full, v, f"not a parameter of schedule {schedule} (it takes: {takes}); set it null"
-            )
-        if key in ("step_size", "t_max"):
-            _int_at_least(full, v, 1)
-        elif key == "gamma":
-            _number(full, v, "must be a number in (0, 1]", _is_num(v) and 0 < v <= 1)
-        elif key in ("min_lr", "power_t"):
-            _number(full, v, "must be a number >= 0", _is_num(v) and v >= 0)
-    min_lr = sp.get("min_lr")
-    if schedule == "cosine" and min_lr is not None and min_lr > lr:
-        raise ConfigError(
-            "optimizer.schedule_params.min_lr", min_lr, f"must be <= optimizer.lr={lr}"
-        )
+    with config_keys("optimizer"):
+        make_optimizer(**optimizer_kwargs(root))
 
 
 def _validate_trainer(t: Mapping[str, Any], d: Mapping[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """One training job from a composed config: data, model, training, tracking, artifacts.
 
-``train.py`` (Hydra) calls :func:`main` with the composed config; :func:`run` does the
-work from plain values, so tests and notebooks can call it without Hydra. Whatever
+:func:`run` does the work from plain values (:func:`pipeline.app.cli.job` hands it the
+config Hydra composed), so tests and notebooks can call it without Hydra. Whatever
 happens during training (success, divergence, Ctrl-C, SIGTERM, an exception) the run
 ends with the matching MLflow status and keeps what was logged and drawn so far.
 """
@@ -9,7 +9,6 @@ ends with the matching MLflow status and keeps what was logged and drawn so far.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.app import heap
 from pipeline.app.config import (
+    config_keys,
     dataset_kwargs,
     optimizer_kwargs,
     project_root,
@@ -189,6 +188,11 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+#: The config key of each :class:`MLP` argument :func:`build_model` fills (others are
+#: ``model.<argument>``).
+MODEL_KEYS = {"sizes": "model.hidden_sizes", "seed": "trainer.seed", "dtype": "trainer.dtype"}
+
+
 def build_model(config: Mapping[str, Any], dataset: Dataset) -> MLP:
     """The network the config describes, sized for the dataset."""
     m, t = config["model"], config["trainer"]
@@ -284,12 +288,13 @@ def run(
 
 def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experiment_id, tags,
          parallel, echo, extra_callbacks=()) -> RunResult:
-    if trk["kind"] != "none":
-        _open_store_early(trk)
-    with timer("data"):
+    # The constructors check the values; a bad one is reported with its config key.
+    with timer("data"), config_keys("dataset"):
         dataset = make_dataset(config["dataset"]["name"], **dataset_kwargs(config))
-    model = build_model(config, dataset)
-    optimizer = make_optimizer(**optimizer_kwargs(config))
+    with config_keys("model", MODEL_KEYS):
+        model = build_model(config, dataset)
+    with config_keys("optimizer"):
+        optimizer = make_optimizer(**optimizer_kwargs(config))
     name = run_name(config)
 
     tracker = None
@@ -344,7 +349,6 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 boundary = _boundary_renderer(dataset)
                 before = boundary, boundary.render(predict_raw, f"{name}: before training")
 
-        heap.settle()  # everything the run imports is loaded by now (pipeline.app.heap)
         # Overflow warnings are how a divergence starts; DivergenceError says it in one line.
         with timer("train"), _thread_limit(tcfg.get("threads"), parallel), \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -442,26 +446,10 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 # --------------------------------------------------------------------------- helpers
 
 
-def _open_store_early(trk) -> None:
-    """Let this process's tracking service (if any) open an existing store while the data
-    is made. Nothing is created: a run that fails on its data leaves no trace."""
-    from pipeline.tracking import service as tracking_service
-    from pipeline.tracking import stores
-
-    service = tracking_service.current()
-    if service is None:
-        return
-    try:
-        uri = stores.resolve_tracking_uri(trk["kind"], trk.get("uri"))
-    except ValueError:
-        return  # _start_tracking reports it
-    service.post("open_store", uri, trk["experiment"])
-
-
 def _start_tracking(config, name, overrides, output_dir, parent_run_id,
                     experiment_id=None, extra_tags=None):
-    from pipeline.tracking import service as tracking_service
     from pipeline.tracking import stores
+    from pipeline.tracking import tracker as tracking
 
     trk = config["tracking"]
     uri = stores.resolve_tracking_uri(trk["kind"], trk.get("uri"))
@@ -473,17 +461,6 @@ def _start_tracking(config, name, overrides, output_dir, parent_run_id,
     commit = git_commit(project_root())
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    service = tracking_service.current()
-    if service is not None:
-        # The run is created in the service while this process trains (see
-        # pipeline.tracking.service); MLflow is never loaded here.
-        tracker = service.tracker(uri, spool_root=spool)
-        tracker.start(trk["experiment"], name, experiment_id=experiment_id, params=config,
-                      tags=tags, parent_run_id=parent_run_id)
-        return tracker, uri
-
-    from pipeline.tracking import tracker as tracking
-
     experiment_id = experiment_id or tracking.prepare_experiment(uri, trk["experiment"])
     tracker = tracking.RunTracker(uri, spool_root=spool)
     try:
@@ -674,8 +651,6 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
         if explorer is not None and len(explorer.frames) > 1:
             tracker.log_text(explorer.html(history.metrics, history.epochs, name),
                              "explorer.html")
-    with timer("logging"):
-        tracker.barrier()  # everything above logged, or its error raised here
 
 
 def _log_config(tracker, config: Mapping[str, Any]) -> None:
@@ -721,76 +696,3 @@ def _print_summary(result: RunResult, name: str) -> None:
         url = stores.run_url(result.tracking_uri, result.experiment_id, result.run_id)
         if url:
             print(f"  then open {url}")
-
-
-# ------------------------------------------------------------------------------ Hydra
-
-
-def _trial_reporter(sweeper: Any, trk: Mapping[str, Any]):
-    """The pruning reporter when this job is a trial of an Optuna search, else None."""
-    if sweeper.get("trial") is None:  # set on each job by the Optuna sweeper only
-        return None
-    from pipeline.app.search import trial_reporter  # imports Optuna
-    from pipeline.tracking.stores import resolve_tracking_uri
-
-    kind = trk.get("kind", "local")
-    uri = resolve_tracking_uri("local" if kind == "none" else kind, trk.get("uri"))
-    return trial_reporter(sweeper, uri)
-
-
-def main(cfg: Any) -> float | None:
-    """Entry point from ``train.py``: a Hydra ``DictConfig`` in, the objective out.
-
-    In a tracked sweep (the callback :class:`pipeline.app.sweep.MlflowSweepCallback` started a
-    parent run before any job) the job's run is nested under that parent, in the parent's
-    experiment and store, and tagged with Hydra's job number. The context reaches the job
-    through the callback, which every launcher hands to its workers (threads, processes,
-    submitit jobs, Ray tasks), so no environment variable has to cross machines.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from pipeline.app.sweep import current_context
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    overrides: list[str] = []
-    output_dir = None
-    parallel = False
-    multirun = False
-    job_num = None
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        overrides = list(hc.overrides.task)
-        output_dir = hc.runtime.output_dir
-        multirun = hc.mode.name == "MULTIRUN"
-        launcher = str(hc.launcher.get("_target_", ""))
-        parallel = multirun and "basic" not in launcher.lower()
-        job_num = hc.job.get("num")
-    sweep = current_context() if multirun else None
-    kwargs: dict[str, Any] = {}
-    if sweep is not None and plain["tracking"]["kind"] != "none":
-        # The store the parent was created in, whatever this worker's environment says.
-        if plain["tracking"]["kind"] == "local" or sweep.tracking_uri.startswith("http"):
-            plain["tracking"]["uri"] = sweep.tracking_uri
-        kwargs = {"parent_run_id": sweep.parent_run_id, "experiment_id": sweep.experiment_id,
-                  "tags": {"sweep.job": str(job_num), "sweep.name": sweep.name}}
-    if multirun and HydraConfig.initialized():
-        reporter = _trial_reporter(hc.sweeper, plain["tracking"])
-        if reporter is not None:
-            kwargs["callbacks"] = [reporter]
-    if not multirun:  # in a sweep, a worker's age says nothing about this job
-        kwargs["startup_seconds"] = process_age()
-    try:
-        result = run(plain, overrides=overrides, output_dir=output_dir, parallel=parallel,
-                     **kwargs)
-    except SystemExit as exc:
-        if not multirun:
-            raise
-        # Hydra lets SystemExit through and ends the whole sweep: make it this job's error.
-        raise RuntimeError(f"the job called sys.exit({exc.code!r})") from exc
-    if output_dir:
-        (Path(output_dir) / "result.json").write_text(json.dumps(
-            {"status": result.status, "run_id": result.run_id, "metrics": result.metrics},
-            default=float, indent=1))
-    return result.objective

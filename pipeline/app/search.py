@@ -184,7 +184,7 @@ def run_search(launcher: Any, config: DictConfig, arguments: Sequence[str], *, s
         sampler = sampler(grid)
         n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
 
-    location = storage_location(storage, _tracking_uri(config))
+    location = storage_location(storage, store_uri(config.get("tracking") or {}))
     study = optuna.create_study(study_name=study_name, storage=open_storage(location),
                                 sampler=sampler, pruner=pruner, direction=direction,
                                 load_if_exists=True)
@@ -229,10 +229,10 @@ def run_search(launcher: Any, config: DictConfig, arguments: Sequence[str], *, s
     return summary
 
 
-def _tracking_uri(config: DictConfig) -> str | None:
+def store_uri(trk: Mapping[str, Any]) -> str | None:
+    """The MLflow store of a ``tracking`` config section (the study's storage sits beside)."""
     from pipeline.tracking.stores import resolve_tracking_uri
 
-    trk = config.get("tracking") or {}
     kind = str(trk.get("kind", "local"))
     return resolve_tracking_uri("local" if kind == "none" else kind, trk.get("uri"))
 

@@ -32,7 +32,8 @@ What happens, by Hydra event (``hydra.experimental.callback.Callback``):
     parent (FAILED if any job failed), print the table, and exit with status 1 if any job
     failed.
 
-Only this module, ``train.py`` and ``pipeline.app.job`` import Hydra.
+Hydra is imported by ``train.py`` and the edge's modules only (this one, :mod:`pipeline.app.cli`,
+:mod:`pipeline.app.config`, :mod:`pipeline.app.process`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import heap
+from pipeline.app import process
 
 # pipeline.viz.report (pandas, matplotlib) is imported only when a sweep needs it: Hydra builds
 # this callback for single runs too, which must fail fast on a bad config.
@@ -227,7 +228,10 @@ class MlflowSweepCallback(Callback):
         self.context = None
         with contextlib.suppress(OSError):  # left by an interrupted sweep in the same folder
             Path(self._sweep_dir, INTERRUPTED_MARK).unlink(missing_ok=True)
-        in_workers = prewarm_joblib_workers(config) is not None
+        node = OmegaConf.select(config, "hydra.launcher")
+        launcher = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        in_workers = launcher.get("_target_") == process.JOBLIB_LAUNCHER
+        process.prewarm_joblib_workers(launcher)
         self._guard = _InterruptGuard.install(self._sweep_dir) if in_workers else None
         trk = OmegaConf.select(config, "tracking")
         tracked = trk is not None and trk.get("kind", "none") != "none"
@@ -236,14 +240,14 @@ class MlflowSweepCallback(Callback):
                 self._start_tracked(config, in_workers)
             else:
                 log.info("sweep: tracking is off (tracking=none); no parent run")
-            if OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER:
+            if launcher.get("_target_") == process.BASIC_LAUNCHER and process.paused():
                 # The jobs run in this process: import what they need before the heap is
                 # frozen, which the first job would otherwise do with collection on.
-                import_job_modules(tracked)
+                process.import_job_modules(tracked)
         finally:
-            # train.py paused collection for the imports (pipeline.app.heap); a sweep that
-            # runs for hours must collect what its jobs leave behind.
-            heap.settle()
+            # train.py paused collection for the imports (pipeline.app.process); a sweep
+            # that runs for hours must collect what its jobs leave behind.
+            process.settle()
 
     def _start_tracked(self, config: DictConfig, in_workers: bool) -> None:
         try:
@@ -309,7 +313,8 @@ class MlflowSweepCallback(Callback):
         seconds = time.perf_counter() - self._started
         # Every job is done: let joblib's workers exit (each tears its interpreter down,
         # about a second with MLflow loaded) while this process builds the report.
-        close_joblib_workers(config)
+        process.close_joblib_workers(
+            str(OmegaConf.select(config, "hydra.launcher._target_") or ""))
         if self.context is None:
             failed = _failed_from_files(self._sweep_dir)
             self._finish(failed, seconds)
@@ -584,17 +589,6 @@ def _quote(text: str) -> str:
 __all__ = ["MlflowSweepCallback", "SweepContext", "current_context", "swept_params"]
 
 
-# --------------------------------------------------------------- joblib worker warm-up
-
-
-JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-
-# Set at the end of a sweep whose launcher leaves nothing running once its jobs are
-# done (the basic one, or joblib's once its workers have exited): see ready_to_exit().
-_finished_sweep: dict[str, Any] = {}
-
-
 def _import_report_modules() -> None:
     try:
         import matplotlib
@@ -604,76 +598,6 @@ def _import_report_modules() -> None:
         import pipeline.viz.plots  # noqa: F401
     except Exception as e:  # the report imports them again and says what fails
         log.debug("sweep: report imports failed: %s", e)
-
-
-def close_joblib_workers(config: DictConfig) -> threading.Thread | None:
-    """Shut joblib's reusable loky executor down in a background thread (its workers exit
-    in parallel with whatever this process does next); records, for
-    :func:`ready_to_exit`, whether the sweep's launcher is one known to leave nothing
-    behind. Returns the shutdown thread, or None when there is no executor."""
-    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
-    _finished_sweep.clear()
-    _finished_sweep["known_launcher"] = target in (BASIC_LAUNCHER, JOBLIB_LAUNCHER)
-    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
-    executor = getattr(loky, "_executor", None)
-    if executor is None or getattr(getattr(executor, "_flags", None), "shutdown", False):
-        return None  # none, or already shut down
-    thread = threading.Thread(target=executor.shutdown, kwargs={"wait": True},
-                              name="joblib-shutdown", daemon=True)
-    thread.start()
-    _finished_sweep["closing"] = thread
-    return thread
-
-
-def ready_to_exit(timeout: float = 60.0) -> bool:
-    """Whether the finished sweep left no worker or pool thread behind (waiting up to
-    ``timeout`` s for joblib's workers to exit), so the process may skip the
-    interpreter's teardown. False for launchers we know nothing about (submitit's pools
-    must be shut down the normal way) and when no sweep ended in this process."""
-    if not _finished_sweep.get("known_launcher"):
-        return False
-    closing = _finished_sweep.get("closing")
-    if closing is not None:
-        closing.join(timeout)
-        if closing.is_alive():
-            return False
-    return True
-
-
-def warm_worker() -> int:
-    """Import what a job needs (numpy, scikit-learn, matplotlib, MLflow and its SQL store,
-    MLflow's package map for the first model: about 3.5 s) in a joblib worker before the
-    first job arrives; returns the worker's pid."""
-    heap.pause()  # no collection while the imports build the heap (pipeline.app.heap)
-    try:
-        import_job_modules(tracked=True)
-        from pipeline.tracking import tracker as tracking
-
-        tracking.warm_up_model_logging()
-    finally:
-        heap.settle()
-    return os.getpid()
-
-
-def import_job_modules(tracked: bool = True) -> None:
-    """Import what every job needs: scikit-learn's generators, matplotlib (Agg), the app
-    and its plots, and MLflow's SQL store when the jobs are tracked."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from PIL import Image
-
-    import pipeline.app.job  # noqa: F401
-    import pipeline.viz.plots  # noqa: F401
-    from pipeline.data.datasets import make_dataset
-
-    Image.init()  # Pillow's image plugins, which the first GIF written loads
-
-    make_dataset("moons", n_samples=20)  # loads sklearn.datasets
-    if tracked:
-        from pipeline.tracking import tracker as tracking
-
-        tracking.warm_up()
 
 
 #: File in the sweep directory that tells workers not to start another job.
@@ -753,7 +677,7 @@ class _InterruptGuard:
 
     def _forward(self, signum: int) -> None:
         own_group = os.getpgrp()
-        for pid in joblib_worker_pids():
+        for pid in process.joblib_worker_pids():
             try:
                 if os.getpgid(pid) != own_group:  # else the terminal reached it already
                     os.kill(pid, signum)
@@ -776,81 +700,3 @@ class _InterruptGuard:
             if running.empty:
                 return
             time.sleep(0.2)
-
-
-def joblib_worker_pids() -> list[int]:
-    """The pids of the worker processes of this process's reusable loky executor."""
-    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
-    executor = getattr(loky, "_executor", None)
-    processes = getattr(executor, "_processes", None) or {}
-    return [int(pid) for pid in list(processes)]
-
-
-def _fork_workers_from_a_warm_server() -> bool:
-    """Have loky start this process's workers from a fork server that imported what jobs
-    need once (:mod:`pipeline.app.worker_preload`), rather than as fresh interpreters that
-    each import it all (about 2.5 s of CPU per worker, which on two cores is as much
-    CPU as two default jobs, spent while this process starts the sweep).
-
-    Only where loky offers ``forkserver`` (POSIX) and only when nothing chose loky's start
-    method before (a user's ``set_start_method`` is left alone). Returns whether the fork
-    server is in use. The server ignores Ctrl-C (it is multiprocessing's own) and exits
-    when this process does.
-    """
-    try:
-        import multiprocessing
-
-        from joblib.externals.loky.backend import context as loky_context
-    except ImportError:
-        return False
-    if loky_context.get_start_method() is not None:
-        return loky_context.get_start_method() == "forkserver"
-    if "forkserver" not in loky_context.START_METHODS:
-        return False
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["pipeline.app.worker_preload"])
-    loky_context.set_start_method("forkserver")
-    return True
-
-
-def prewarm_joblib_workers(config: DictConfig) -> threading.Thread | None:
-    """Start the joblib launcher's worker processes now, warming them with the imports
-    every job needs, while this process creates the sweep's parent run.
-
-    Hydra's joblib launcher starts its loky workers only when it submits the first jobs,
-    and each then spends seconds importing before its first job: on a short sweep that is
-    most of what parallelism saves. joblib keeps one reusable loky executor per process, so
-    workers started here with the launcher's own settings are the ones its jobs run in.
-    Returns the thread that waits for the warm-up (None for other launchers).
-    """
-    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
-    if target != JOBLIB_LAUNCHER:
-        return None
-    try:
-        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
-        from joblib import Parallel, delayed, effective_n_jobs
-    except ImportError:
-        return None
-    settings = OmegaConf.to_container(config.hydra.launcher, resolve=True)
-    settings.pop("_target_", None)
-    # Exactly what the launcher passes to Parallel, so that joblib reuses these workers.
-    settings["backend"] = "loky"
-    process_joblib_cfg(settings)
-    settings["verbose"] = 0
-    n_workers = effective_n_jobs(settings.get("n_jobs"))
-    _fork_workers_from_a_warm_server()
-
-    def warm() -> None:
-        try:
-            warmed = Parallel(**settings)(delayed(warm_worker)() for _ in range(n_workers))
-        except Exception as e:  # a failed warm-up only costs the time it would have saved
-            log.debug("sweep: joblib warm-up failed: %s", e)
-            return
-        # Workers forked warm finish the task at once, so one of them may run all of
-        # them: the executor's own list says which workers exist (loky starts them all).
-        thread.pids = sorted(set(joblib_worker_pids()) | set(warmed))
-
-    thread = threading.Thread(target=warm, name="joblib-warm-up", daemon=True)
-    thread.pids = []  # the workers' pids, once the warm-up is done
-    thread.start()
-    return thread

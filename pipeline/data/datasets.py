@@ -7,8 +7,9 @@ validates the arguments, calls the generator, splits the data with a stratified
 split only (so nothing about the test split leaks into training).
 
 Conventions: ``X`` has shape ``(n_samples, n_features)`` and is float64; labels are int64
-in ``0..k-1``. Errors are ``ValueError`` with one line naming the config key
-(``dataset.noise``), the bad value and what is allowed.
+in ``0..k-1``. Errors are ``ValueError`` with one line ``<argument>=<value>: <what is
+allowed>`` (``noise=-1: must be a number >= 0``); an application reading the arguments from
+a config file puts its own key in front (``dataset.noise``).
 
 Examples
 --------
@@ -120,7 +121,7 @@ def _check_classes(name: str, classes: Any, allowed: Sequence[int] | None) -> in
         or (allowed is not None and classes not in allowed)
     ):
         raise ValueError(
-            f"dataset.classes={classes!r} is not supported by dataset '{name}'; allowed: {what}"
+            f"classes={classes!r}: not supported by dataset {name}; allowed: {what}"
         )
     return int(classes)
 
@@ -236,7 +237,7 @@ def circles(
     """
     _check_classes("circles", classes, (2,))
     if not _is_real(factor) or not 0 < factor < 1:
-        raise ValueError(f"dataset.factor={factor!r} is out of range; allowed: 0 < factor < 1")
+        raise ValueError(f"factor={factor!r}: must be a number in (0, 1)")
     from sklearn.datasets import make_circles
 
     X, y = make_circles(n_samples=n_samples, noise=noise, factor=float(factor), random_state=seed)
@@ -346,7 +347,7 @@ def spirals(
     """
     k = _check_classes("spirals", classes, None)
     if not _is_real(turns) or not 0 < turns < math.inf:
-        raise ValueError(f"dataset.turns={turns!r} is out of range; allowed: turns > 0")
+        raise ValueError(f"turns={turns!r}: must be a number > 0")
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(k), _balanced_counts(n_samples, k))  # (n,)
     t = rng.random(n_samples)  # (n,) position along the arm
@@ -420,7 +421,7 @@ def linear(
     """
     _check_classes("linear", classes, (2,))
     if not _is_real(margin) or not 0 <= margin < math.inf:
-        raise ValueError(f"dataset.margin={margin!r} is out of range; allowed: margin >= 0")
+        raise ValueError(f"margin={margin!r}: must be a number >= 0")
     rng = np.random.default_rng(seed)
     phi = rng.uniform(0.0, 2 * np.pi)
     normal = np.array([np.cos(phi), np.sin(phi)])  # (2,) unit normal of the line
@@ -457,22 +458,22 @@ def _read_csv(path: str | Path) -> tuple[pd.DataFrame, Path]:
     resolved = resolve_path(path)
     if not resolved.exists():
         raise ValueError(
-            f"dataset.path={str(path)!r}: no such file {resolved} "
+            f"path={str(path)!r}: no such file {resolved} "
             f"(relative paths start at the project root {project_root()})"
         )
     if not resolved.is_file():
-        raise ValueError(f"dataset.path={str(path)!r}: {resolved} is not a file")
+        raise ValueError(f"path={str(path)!r}: {resolved} is not a file")
     try:
         frame = pd.read_csv(resolved)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"dataset.path={str(path)!r}: {resolved} is empty") from None
+        raise ValueError(f"path={str(path)!r}: {resolved} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split())
         raise ValueError(
-            f"dataset.path={str(path)!r}: {resolved} is not a readable CSV ({reason})"
+            f"path={str(path)!r}: {resolved} is not a readable CSV ({reason})"
         ) from None
     if len(frame) == 0:
-        raise ValueError(f"dataset.path={str(path)!r}: {resolved} has a header but no data rows")
+        raise ValueError(f"path={str(path)!r}: {resolved} has a header but no data rows")
     return frame, resolved
 
 
@@ -483,7 +484,7 @@ def _numeric_column(frame: pd.DataFrame, column: Any, path: str, resolved: Path)
     if missing.any():
         first = int(np.flatnonzero(missing)[0])
         raise ValueError(
-            f"dataset.path={path!r}: column {str(column)!r} has {int(missing.sum())} missing "
+            f"path={path!r}: column {str(column)!r} has {int(missing.sum())} missing "
             f"value(s) in {resolved}, the first at {_row(first)}; fill or drop those rows"
         )
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
@@ -491,7 +492,7 @@ def _numeric_column(frame: pd.DataFrame, column: Any, path: str, resolved: Path)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"dataset.path={path!r}: column {str(column)!r} has a non-numeric value "
+            f"path={path!r}: column {str(column)!r} has a non-numeric value "
             f"{raw.iloc[first]!r} at {_row(first)} of {resolved}; features must be finite numbers"
         )
     return values
@@ -534,42 +535,42 @@ def load_csv(
     columns = list(frame.columns)
     if not isinstance(label_column, str) or label_column not in frame.columns:
         raise ValueError(
-            f"dataset.label_column={label_column!r} is not a column of {resolved}; "
+            f"label_column={label_column!r}: not a column of {resolved}; "
             f"columns are: {_column_list(columns)}"
         )
     if feature_columns is None:
         features = [c for c in columns if c != label_column]
         if len(features) != 2:
             raise ValueError(
-                f"dataset.path={shown!r}: found {len(features)} feature column(s) "
+                f"path={shown!r}: found {len(features)} feature column(s) "
                 f"({_column_list(features)}) besides the label column {label_column!r} in "
                 f"{resolved}; exactly 2 are needed for the 2-D plots "
-                "(pick two with dataset.feature_columns=[a,b])"
+                "(pick two with feature_columns=[a,b])"
             )
     else:
         if isinstance(feature_columns, str):
             raise ValueError(
-                f"dataset.feature_columns={feature_columns!r} must be a list of 2 column names"
+                f"feature_columns={feature_columns!r}: must be a list of 2 column names"
             )
         features = list(feature_columns)
         if len(features) != 2:
             raise ValueError(
-                f"dataset.feature_columns={features!r} names {len(features)} column(s); "
+                f"feature_columns={features!r}: names {len(features)} column(s); "
                 "exactly 2 are needed for the 2-D plots"
             )
         for column in features:
             if column not in frame.columns:
                 raise ValueError(
-                    f"dataset.feature_columns: {column!r} is not a column of {resolved}; "
+                    f"feature_columns={features!r}: {column!r} is not a column of {resolved}; "
                     f"columns are: {_column_list(columns)}"
                 )
             if column == label_column:
                 raise ValueError(
-                    f"dataset.feature_columns={features!r} includes the label column "
+                    f"feature_columns={features!r}: includes the label column "
                     f"{label_column!r}"
                 )
         if features[0] == features[1]:
-            raise ValueError(f"dataset.feature_columns={features!r} names the same column twice")
+            raise ValueError(f"feature_columns={features!r}: names the same column twice")
 
     X = np.column_stack([_numeric_column(frame, c, shown, resolved) for c in features])
 
@@ -578,7 +579,7 @@ def load_csv(
     if missing.any():
         first = int(np.flatnonzero(missing)[0])
         raise ValueError(
-            f"dataset.label_column={label_column!r} has {int(missing.sum())} missing "
+            f"label_column={label_column!r}: {int(missing.sum())} missing "
             f"label(s) in {resolved}, the first at {_row(first)}"
         )
     try:
@@ -587,7 +588,7 @@ def load_csv(
         values, codes = np.unique(labels.astype(str).to_numpy(), return_inverse=True)
     if len(values) < 2:
         raise ValueError(
-            f"dataset.label_column={label_column!r} holds a single class "
+            f"label_column={label_column!r}: holds a single class "
             f"({_plain_scalar(values[0])!r}) in {resolved}; at least 2 classes are needed"
         )
     # Plain Python scalars keep `classes` JSON-able for MLflow params and plot legends.
@@ -637,14 +638,14 @@ def csv(
     k = len(raw.classes)
     if classes is not None and (not _is_int(classes) or classes != k):
         raise ValueError(
-            f"dataset.classes={classes!r} but {raw.source} holds {k} classes "
+            f"classes={classes!r}: {raw.source} holds {k} classes "
             f"{list(raw.classes)!r}; allowed: null or {k}"
         )
     counts = np.bincount(raw.y, minlength=k)
     if counts.min() < 2:
         lonely = raw.classes[int(np.argmin(counts))]
         raise ValueError(
-            f"dataset.path={str(path)!r}: class {lonely!r} has only {int(counts.min())} row in "
+            f"path={str(path)!r}: class {lonely!r} has only {int(counts.min())} row in "
             f"{raw.source}; every class needs at least 2 rows (one for train, one for test)"
         )
     X, y = raw.X, raw.y
@@ -653,7 +654,7 @@ def csv(
     if n_samples is not None and n_samples != n_rows:
         if n_samples > n_rows:
             raise ValueError(
-                f"dataset.n_samples={n_samples} but {raw.source} has only {n_rows} rows; "
+                f"n_samples={n_samples}: {raw.source} has only {n_rows} rows; "
                 f"allowed: null (all rows) or at most {n_rows}"
             )
         # Stratified subset: each class keeps its share of the rows (largest remainder).
@@ -664,7 +665,7 @@ def csv(
         if quota.min() < 2:
             rare = raw.classes[int(np.argmin(quota))]
             raise ValueError(
-                f"dataset.n_samples={n_samples} keeps only {int(quota.min())} row(s) of class "
+                f"n_samples={n_samples}: keeps only {int(quota.min())} row(s) of class "
                 f"{rare!r} from {raw.source}; every class needs 2; allowed: null (all rows) "
                 "or a larger n_samples"
             )
@@ -819,16 +820,15 @@ def _check_common(n_samples: Any, noise: Any, test_fraction: Any, seed: Any, nam
     # None means "the generator's default" (for csv: every row of the file).
     if n_samples is not None and (not _is_int(n_samples) or n_samples < 1):
         allowed = "null (all rows) or an integer >= 1" if name == "csv" else "an integer >= 1"
-        raise ValueError(f"dataset.n_samples={n_samples!r} is invalid; allowed: {allowed}")
+        raise ValueError(f"n_samples={n_samples!r}: must be {allowed}")
     if noise is not None and (not _is_real(noise) or not 0 <= noise < math.inf):
-        raise ValueError(f"dataset.noise={noise!r} is invalid; allowed: a number >= 0")
+        raise ValueError(f"noise={noise!r}: must be a number >= 0")
     if not _is_real(test_fraction) or not 0 < test_fraction < 1:
         raise ValueError(
-            f"dataset.test_fraction={test_fraction!r} is out of range; "
-            "allowed: 0 < test_fraction < 1"
+            f"test_fraction={test_fraction!r}: must be a number in (0, 1)"
         )
     if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"dataset.seed={seed!r} is invalid; allowed: an integer in [0, 2**32-1]")
+        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32-1]")
 
 
 def make_dataset(
@@ -869,18 +869,18 @@ def make_dataset(
     Raises
     ------
     ValueError
-        Unknown name or option, or a bad value; the message names the config key
-        (``dataset.<key>``), the value and what is allowed.
+        Unknown name or option, or a bad value; one line naming the argument, the
+        value and what is allowed.
     """
     if name not in DATASETS:
-        raise ValueError(f"dataset={name!r} is unknown; known datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"name={name!r}: unknown dataset; choose one of {', '.join(DATASETS)}")
     generator = DATASETS[name]
     signature = inspect.signature(generator)
     options = [p for p in signature.parameters if p not in COMMON_KEYS]
     for key, value in extra.items():
         if key not in options:
             raise ValueError(
-                f"dataset.{key}={value!r} is not an option of dataset '{name}'; "
+                f"{key}={value!r}: not an option of dataset {name}; "
                 f"allowed: {', '.join(options) or '(none)'}"
             )
     _check_common(n_samples, noise, test_fraction, seed, name)
@@ -903,12 +903,12 @@ def make_dataset(
     needed = min_samples(k, float(test_fraction))
     if n < needed:
         if name == "csv" and n_samples is None:
-            what = f"dataset.path={str(params['path'])!r}: {n} rows of {raw.source} are too few"
+            what = f"path={str(params['path'])!r}: {n} rows of {raw.source} are too few"
         else:
-            what = f"dataset.n_samples={n} is too small"
+            what = f"n_samples={n}: too few"
         raise ValueError(
             f"{what} to put each of the {k} classes in both the train and the test split "
-            f"with dataset.test_fraction={test_fraction}; "
+            f"with test_fraction={test_fraction}; "
             f"need at least {needed}"
         )
 
@@ -923,7 +923,7 @@ def make_dataset(
         if missing.size:
             absent = raw.classes[int(missing[0])]
             raise ValueError(
-                f"dataset.test_fraction={test_fraction}: class {absent!r} "
+                f"test_fraction={test_fraction}: class {absent!r} "
                 f"({int(np.sum(raw.y == missing[0]))} rows) got no {split} rows; "
                 "choose a test_fraction nearer 0.5 or provide more rows of that class"
             )

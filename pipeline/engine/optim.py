@@ -32,6 +32,7 @@ gradient is built in an internal buffer.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -57,36 +58,33 @@ __all__ = [
     "make_schedule",
 ]
 
-# Config keys as users type them; every error message names one of these.
-_PREFIX = "optimizer"
-_SCHEDULE_PREFIX = "optimizer.schedule_params"
-
-
 # --------------------------------------------------------------------------------------
-# Validation helpers: one readable line naming the key, the bad value and what is allowed.
+# Validation helpers: one readable line ``<argument>=<value>: <what is allowed>`` naming the
+# argument as the caller passed it (``lr``, ``schedule_params.gamma``); an application that
+# reads the values from a config file puts its own key in front (``optimizer.lr``).
 # --------------------------------------------------------------------------------------
 def _as_float(key: str, value: Any) -> float:
     """Return ``value`` as a finite Python float or raise ``ValueError`` naming ``key``."""
     # bool is an int subclass; `momentum: true` in a YAML file is a mistake, not 1.0.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{key}={value!r} must be a number")
+        raise ValueError(f"{key}={value!r}: must be a number")
     out = float(value)
     if not math.isfinite(out):
-        raise ValueError(f"{key}={value!r} must be a finite number")
+        raise ValueError(f"{key}={value!r}: must be a finite number")
     return out
 
 
 def _positive(key: str, value: Any) -> float:
     out = _as_float(key, value)
     if out <= 0.0:
-        raise ValueError(f"{key}={value!r} must be > 0")
+        raise ValueError(f"{key}={value!r}: must be a positive number")
     return out
 
 
 def _non_negative(key: str, value: Any) -> float:
     out = _as_float(key, value)
     if out < 0.0:
-        raise ValueError(f"{key}={value!r} must be >= 0")
+        raise ValueError(f"{key}={value!r}: must be a number >= 0")
     return out
 
 
@@ -95,30 +93,31 @@ def _unit_interval(key: str, value: Any) -> float:
     # divides by zero), so the allowed range is half open.
     out = _as_float(key, value)
     if not 0.0 <= out < 1.0:
-        raise ValueError(f"{key}={value!r} must be in [0, 1)")
+        raise ValueError(f"{key}={value!r}: must be a number in [0, 1)")
     return out
 
 
 def _decay_factor(key: str, value: Any) -> float:
     out = _as_float(key, value)
     if not 0.0 < out <= 1.0:
-        raise ValueError(f"{key}={value!r} must be in (0, 1]")
+        raise ValueError(f"{key}={value!r}: must be a number in (0, 1]")
     return out
 
 
 def _positive_int(key: str, value: Any) -> int:
     # Accept 10.0 (YAML/JSON round trips) but not 10.5 or True.
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{key}={value!r} must be a positive integer")
-    if not float(value).is_integer() or value < 1:
-        raise ValueError(f"{key}={value!r} must be a positive integer")
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not float(value).is_integer() or value < 1):
+        raise ValueError(f"{key}={value!r}: must be an integer >= 1")
     return int(value)
 
 
 def _known(kind: str, key: str, name: Any, table: Mapping[str, Any]) -> None:
     if not isinstance(name, str) or name not in table:
+        close = difflib.get_close_matches(str(name), list(table), n=1, cutoff=0.6)
         raise ValueError(
-            f"{key}={name!r} is not a known {kind}; known: {', '.join(sorted(table))}"
+            f"{key}={name!r}: unknown {kind}; choose one of {', '.join(table)}"
+            + (f" (did you mean {close[0]}?)" if close else "")
         )
 
 
@@ -203,7 +202,7 @@ def _resolve_schedule(
     name: str, lr: float, params: Mapping[str, Any] | None
 ) -> tuple[ScheduleSpec, dict[str, float | int]]:
     """Validate a schedule name and its parameters; return the spec and full parameters."""
-    _known("schedule", f"{_PREFIX}.schedule", name, SCHEDULES)
+    _known("schedule", "schedule", name, SCHEDULES)
     spec = SCHEDULES[name]
     given: dict[str, Any] = {}
     for key, value in dict(params or {}).items():
@@ -211,13 +210,13 @@ def _resolve_schedule(
         if canonical not in spec.defaults:
             allowed = ", ".join(sorted(spec.defaults)) or "none"
             raise ValueError(
-                f"{_SCHEDULE_PREFIX}.{key}={value!r} is not a parameter of schedule "
-                f"{name!r}; allowed: {allowed}"
+                f"schedule_params.{key}={value!r}: not a parameter of schedule {name} "
+                f"(it takes: {allowed})"
             )
         if canonical in given:
             raise ValueError(
-                f"{_SCHEDULE_PREFIX}.{key} given twice for schedule {name!r} "
-                f"(as {canonical!r} and an alias); give only {canonical!r}"
+                f"schedule_params.{key}={value!r}: given twice for schedule {name} "
+                f"(as {canonical} and an alias); give only {canonical}"
             )
         given[canonical] = value
     out: dict[str, float | int] = {}
@@ -225,14 +224,12 @@ def _resolve_schedule(
         value = given.get(key, default)
         if value is None:
             raise ValueError(
-                f"{_SCHEDULE_PREFIX}.{key} is required for schedule {name!r}"
+                f"schedule_params.{key}=None: required for schedule {name}"
                 + (" (set it to the number of epochs)" if key == "t_max" else "")
             )
-        out[key] = spec.checks[key](f"{_SCHEDULE_PREFIX}.{key}", value)
+        out[key] = spec.checks[key](f"schedule_params.{key}", value)
     if "min_lr" in out and out["min_lr"] > lr:
-        raise ValueError(
-            f"{_SCHEDULE_PREFIX}.min_lr={out['min_lr']!r} must be <= {_PREFIX}.lr={lr!r}"
-        )
+        raise ValueError(f"schedule_params.min_lr={out['min_lr']!r}: must be <= lr={lr!r}")
     return spec, out
 
 
@@ -261,7 +258,7 @@ def make_schedule(name: str, lr: float, **params: Any) -> Callable[[int], float]
     ValueError
         Unknown schedule or parameter, or a value out of range.
     """
-    lr = _positive(f"{_PREFIX}.lr", lr)
+    lr = _positive("lr", lr)
     spec, resolved = _resolve_schedule(name, lr, params)
     return functools.partial(spec.fn, lr=lr, **resolved)
 
@@ -329,22 +326,22 @@ class Optimizer:
         schedule_params: Mapping[str, Any] | None = None,
         **hyper: Any,
     ) -> None:
-        self.lr = _positive(f"{_PREFIX}.lr", self.default_lr if lr is None else lr)
+        self.lr = _positive("lr", self.default_lr if lr is None else lr)
         self.weight_decay = _non_negative(
-            f"{_PREFIX}.weight_decay",
+            "weight_decay",
             self.default_weight_decay if weight_decay is None else weight_decay,
         )
-        self.l1 = _non_negative(f"{_PREFIX}.l1", l1)
+        self.l1 = _non_negative("l1", l1)
         unknown = sorted(set(hyper) - set(self.defaults))
         if unknown:
             allowed = ", ".join(sorted(self.defaults)) or "none"
             raise ValueError(
-                f"{_PREFIX}.{unknown[0]}={hyper[unknown[0]]!r} is not a hyper-parameter of "
-                f"optimizer {self.name!r}; allowed: {allowed} "
+                f"{unknown[0]}={hyper[unknown[0]]!r}: not a hyper-parameter of optimizer "
+                f"{self.name}; it takes {allowed} "
                 f"(plus lr, weight_decay, l1, schedule, schedule_params)"
             )
         self.hyper: dict[str, float] = {
-            key: _HYPER_CHECKS[key](f"{_PREFIX}.{key}", hyper.get(key, default))
+            key: _HYPER_CHECKS[key](key, hyper.get(key, default))
             for key, default in self.defaults.items()
         }
         spec, resolved = _resolve_schedule(schedule, self.lr, schedule_params)
@@ -707,16 +704,17 @@ class Adam(Optimizer):
         self._step_size = np.zeros((), self._dtype)  # lr * sqrt(1 - b2**t) / (1 - b1**t)
         self._step_vector = None
         self._decay = np.zeros((), self._dtype)  # 1 - lr * weight_decay (AdamW)
-        self._bound: tuple = (None, None, None, [])
+        # (params, grad, step scalars, their bound calls): rebuilt when the arrays change.
+        self._bound_ops: tuple = (None, None, None, [])
         return self
 
     def _update(self, params: np.ndarray, g: np.ndarray, lr: float) -> None:
         step = self._scalars(lr)
         # The calls are bound to the arrays once, and reused while the caller passes the
         # same ones (a training run always does).
-        bound = self._bound
+        bound = self._bound_ops
         if params is not bound[0] or g is not bound[1] or step is not bound[2]:
-            bound = self._bound = (params, g, step, self._ops(params, g, step))
+            bound = self._bound_ops = (params, g, step, self._ops(params, g, step))
         for op in bound[3]:
             op()
 
@@ -837,9 +835,10 @@ def make_optimizer(
     ------
     ValueError
         Unknown name, schedule or hyper-parameter, or a value out of range; the message
-        names the config key (``optimizer.lr``, ``optimizer.beta1``, ...).
+        is one line ``<argument>=<value>: <what is allowed>`` (``lr=-1: must be a
+        positive number``, ``schedule_params.gamma=2: ...``).
     """
-    _known("optimizer", f"{_PREFIX}.name", name, OPTIMIZERS)
+    _known("optimizer", "name", name, OPTIMIZERS)
     return OPTIMIZERS[name](
         lr=lr,
         weight_decay=weight_decay,

@@ -1,9 +1,8 @@
 """Where runs are stored: tracking URIs, the local default store, and whether it is reachable.
 
 Nothing here imports MLflow (a second or more to load), so a process can decide on its
-store, check it and fail fast before paying for MLflow, and the training process of a
-single run never loads MLflow at all (:mod:`pipeline.tracking.service` does that in a
-process of its own). :mod:`pipeline.tracking.tracker` re-exports everything for its callers.
+store, check it and fail fast before paying for MLflow.
+:mod:`pipeline.tracking.tracker` re-exports everything for its callers.
 """
 
 from __future__ import annotations

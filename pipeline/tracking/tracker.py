@@ -604,14 +604,6 @@ class RunTracker:
         self._require_run()
         self._metrics.extend(Metric(*row) for row in metric_rows(metrics, step, _now_ms()))
 
-    def log_metric_rows(self, rows: Sequence[tuple[str, float, int, int]]) -> None:
-        """Buffer metric values already stamped elsewhere: ``(key, value, timestamp_ms, step)``
-        rows (what :class:`pipeline.tracking.service.RemoteTracker` sends)."""
-        self._require_run()
-        self._metrics.extend(Metric(str(k), float(v), int(ts), int(s)) for k, v, ts, s in rows)
-        if self._due():
-            self.flush()
-
     def log_timings(self, seconds: Mapping[str, float] | PhaseTimer, step: int = 0) -> None:
         """Log a timing breakdown as metrics ``time/<phase>`` (seconds)."""
         if isinstance(seconds, PhaseTimer):
@@ -799,9 +791,6 @@ class RunTracker:
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         """Save ``data`` (a rendered image, a file's contents) as artifact ``artifact_file``."""
         self._log_rendered(artifact_file, lambda p: p.write_bytes(data))
-
-    def barrier(self) -> None:
-        """Nothing to wait for in-process (the interface of a tracker in a service)."""
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save ``text`` as artifact ``artifact_file``."""

@@ -111,9 +111,11 @@ def test_run_with_tracking_logs_one_finished_run(config, tracking_env, capsys):
     assert f"mlflow ui --backend-store-uri {tracking_env.uri}" in out
 
 
-def test_main_without_hydra_returns_the_objective(compose, tmp_path, monkeypatch):
+def test_the_cli_job_without_hydra_returns_the_objective(compose, tmp_path, monkeypatch):
+    from pipeline.app import cli
+
     monkeypatch.chdir(tmp_path)
-    objective = app.main(compose("tracking=none", "trainer.epochs=3"))
+    objective = cli.job(compose("tracking=none", "trainer.epochs=3"))
     assert isinstance(objective, float) and np.isfinite(objective)
 
 

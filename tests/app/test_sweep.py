@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -319,85 +318,3 @@ def test_untracked_sweep_still_reports_failures(run_train, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
-
-
-@pytest.mark.slow
-def test_joblib_workers_warmed_before_the_sweep_are_the_ones_its_jobs_run_in(monkeypatch):
-    """The warm-up starts joblib's reusable loky workers with the launcher's own settings:
-    a Parallel call made the way the launcher makes it runs in those same processes."""
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
-    from joblib import Parallel, delayed
-    from omegaconf import OmegaConf
-
-    from pipeline.app.sweep import prewarm_joblib_workers
-
-    launcher = {"_target_": sweep.JOBLIB_LAUNCHER, "n_jobs": 2, "backend": None,
-                "prefer": "processes", "require": None, "verbose": 0, "timeout": None,
-                "pre_dispatch": "2*n_jobs", "batch_size": "auto", "temp_folder": None,
-                "max_nbytes": None, "mmap_mode": "r"}
-    config = OmegaConf.create({"hydra": {"launcher": launcher}})
-    from joblib.externals.loky.backend import context as loky_context
-
-    # Nothing chose a start method in this process; the one chosen here is undone after.
-    monkeypatch.setattr(loky_context, "_DEFAULT_START_METHOD", None)
-    thread = prewarm_joblib_workers(config)
-    assert thread is not None
-    thread.join(120)
-    assert not thread.is_alive() and len(thread.pids) == 2, thread.pids
-    assert set(sweep.joblib_worker_pids()) == set(thread.pids)
-    # Forked from one warm fork server (not this process), in the server's own process
-    # group: a terminal's Ctrl-C reaches the launching process alone.
-    assert loky_context.get_start_method() == "forkserver"
-    if sys.platform.startswith("linux"):
-        servers = {_parent_pid(pid) for pid in thread.pids}
-        assert len(servers) == 1 and os.getpid() not in servers, servers
-        assert {os.getpgid(pid) for pid in thread.pids} == servers != {os.getpgrp()}
-    settings = {k: v for k, v in launcher.items() if k != "_target_"}
-    settings["backend"] = "loky"
-    process_joblib_cfg(settings)
-    # Jobs long enough that both workers take one.
-    pids = Parallel(**settings)(delayed(_pid_after)(0.5) for _ in range(4))
-    assert set(pids) <= set(thread.pids), (pids, thread.pids)
-    other = OmegaConf.create({"hydra": {"launcher": {"_target_": "basic.BasicLauncher"}}})
-    assert prewarm_joblib_workers(other) is None
-
-    # At the sweep's end the workers are shut down in the background, and only once they
-    # have exited may train.py skip the interpreter's teardown.
-    closing = sweep.close_joblib_workers(config)
-    assert closing is not None
-    assert sweep.ready_to_exit(timeout=60)
-    assert not closing.is_alive()
-    for pid in thread.pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    unknown = OmegaConf.create({"hydra": {"launcher": {"_target_": "x.SubmititLauncher"}}})
-    assert sweep.close_joblib_workers(unknown) is None
-    assert not sweep.ready_to_exit(timeout=1)
-    basic = OmegaConf.create({"hydra": {"launcher": {"_target_": sweep.BASIC_LAUNCHER}}})
-    assert sweep.close_joblib_workers(basic) is None
-    assert sweep.ready_to_exit(timeout=1)
-
-
-def _parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def test_a_start_method_chosen_before_is_left_alone(monkeypatch):
-    """Workers come from our warm fork server only if nothing chose loky's start method."""
-    pytest.importorskip("joblib")
-    from joblib.externals.loky.backend import context as loky_context
-
-    monkeypatch.setattr(loky_context, "_DEFAULT_START_METHOD", "loky")
-    assert sweep._fork_workers_from_a_warm_server() is False
-    assert loky_context.get_start_method() == "loky"
-    monkeypatch.setattr(loky_context, "_DEFAULT_START_METHOD", "forkserver")
-    assert sweep._fork_workers_from_a_warm_server() is True  # (a user's own fork server)
-
-
-def _pid_after(seconds: float) -> int:
-    import os
-    import time as _time
-
-    _time.sleep(seconds)
-    return os.getpid()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_min_samples_is_exact(k, fraction):
     assert n == fits[0]
     ds = make_dataset("spirals", n_samples=n, test_fraction=fraction, seed=1, classes=k)
     assert set(ds.y_train.tolist()) == set(ds.y_test.tolist()) == set(range(k))
-    with pytest.raises(ValueError, match=rf"dataset\.n_samples.*at least {n}$"):
+    with pytest.raises(ValueError, match=rf"^n_samples={n - 1}: too few .* at least {n}$"):
         make_dataset("spirals", n_samples=n - 1, test_fraction=fraction, seed=1, classes=k)
 
 
@@ -272,43 +273,43 @@ def test_load_csv_returns_codes(tmp_path):
 
 BAD = [
     # name, kwargs, text the one-line message must contain
-    pytest.param("mooons", {}, "known datasets: moons, circles", id="unknown-name"),
+    pytest.param("mooons", {}, "unknown dataset; choose one of moons, circles", id="unknown-name"),
     pytest.param(
-        "moons", {"factor": 0.5}, "dataset.factor=0.5 is not an option", id="unknown-option"
+        "moons", {"factor": 0.5}, "factor=0.5: not an option of dataset moons", id="unknown-option"
     ),
-    pytest.param("moons", {"n_samples": 0}, "dataset.n_samples=0", id="n-zero"),
-    pytest.param("moons", {"n_samples": 10.5}, "dataset.n_samples=10.5", id="n-float"),
-    pytest.param("moons", {"n_samples": True}, "dataset.n_samples=True", id="n-bool"),
-    pytest.param("moons", {"n_samples": "100"}, "dataset.n_samples='100'", id="n-string"),
-    pytest.param("moons", {"n_samples": 4}, "dataset.n_samples=4 is too small", id="n-too-small"),
+    pytest.param("moons", {"n_samples": 0}, "n_samples=0", id="n-zero"),
+    pytest.param("moons", {"n_samples": 10.5}, "n_samples=10.5", id="n-float"),
+    pytest.param("moons", {"n_samples": True}, "n_samples=True", id="n-bool"),
+    pytest.param("moons", {"n_samples": "100"}, "n_samples='100'", id="n-string"),
+    pytest.param("moons", {"n_samples": 4}, "n_samples=4: too few", id="n-too-small"),
     pytest.param("blobs", {"n_samples": 10, "classes": 5}, "need at least 17", id="n-too-small-k"),
-    pytest.param("moons", {"noise": -0.1}, "dataset.noise=-0.1", id="noise-negative"),
-    pytest.param("moons", {"noise": float("nan")}, "dataset.noise=nan", id="noise-nan"),
-    pytest.param("xor", {"noise": float("inf")}, "dataset.noise=inf", id="noise-inf"),
-    pytest.param("moons", {"test_fraction": 0.0}, "dataset.test_fraction=0.0", id="fraction-zero"),
-    pytest.param("moons", {"test_fraction": 1}, "dataset.test_fraction=1", id="fraction-one"),
-    pytest.param("moons", {"test_fraction": 1.5}, "dataset.test_fraction=1.5", id="fraction-big"),
-    pytest.param("moons", {"seed": -1}, "dataset.seed=-1", id="seed-negative"),
-    pytest.param("moons", {"classes": 3}, "dataset.classes=3", id="classes-moons"),
-    pytest.param("xor", {"classes": 4}, "dataset.classes=4", id="classes-xor"),
+    pytest.param("moons", {"noise": -0.1}, "noise=-0.1", id="noise-negative"),
+    pytest.param("moons", {"noise": float("nan")}, "noise=nan", id="noise-nan"),
+    pytest.param("xor", {"noise": float("inf")}, "noise=inf", id="noise-inf"),
+    pytest.param("moons", {"test_fraction": 0.0}, "test_fraction=0.0", id="fraction-zero"),
+    pytest.param("moons", {"test_fraction": 1}, "test_fraction=1", id="fraction-one"),
+    pytest.param("moons", {"test_fraction": 1.5}, "test_fraction=1.5", id="fraction-big"),
+    pytest.param("moons", {"seed": -1}, "seed=-1", id="seed-negative"),
+    pytest.param("moons", {"classes": 3}, "classes=3", id="classes-moons"),
+    pytest.param("xor", {"classes": 4}, "classes=4", id="classes-xor"),
     pytest.param("quadrants", {"classes": 3}, "allowed: 2 or 4", id="classes-quadrants"),
-    pytest.param("spirals", {"classes": 1}, "dataset.classes=1", id="classes-spirals"),
-    pytest.param("blobs", {"classes": 2.5}, "dataset.classes=2.5", id="classes-blobs"),
-    pytest.param("circles", {"factor": 1.0}, "dataset.factor=1.0", id="factor"),
-    pytest.param("spirals", {"turns": 0}, "dataset.turns=0", id="turns"),
-    pytest.param("linear", {"margin": -1}, "dataset.margin=-1", id="margin"),
+    pytest.param("spirals", {"classes": 1}, "classes=1", id="classes-spirals"),
+    pytest.param("blobs", {"classes": 2.5}, "classes=2.5", id="classes-blobs"),
+    pytest.param("circles", {"factor": 1.0}, "factor=1.0", id="factor"),
+    pytest.param("spirals", {"turns": 0}, "turns=0", id="turns"),
+    pytest.param("linear", {"margin": -1}, "margin=-1", id="margin"),
     pytest.param(
         "csv", {"path": "data/nope.csv"}, "no such file " + str(project_root()), id="csv-missing"
     ),
     pytest.param("csv", {"path": "data"}, "is not a file", id="csv-directory"),
-    pytest.param("csv", {"n_samples": 500}, "dataset.n_samples=500", id="csv-n-too-large"),
-    pytest.param("csv", {"n_samples": 3}, "dataset.n_samples=3", id="csv-n-too-small"),
-    pytest.param("csv", {"classes": 3}, "dataset.classes=3", id="csv-classes"),
+    pytest.param("csv", {"n_samples": 500}, "n_samples=500", id="csv-n-too-large"),
+    pytest.param("csv", {"n_samples": 3}, "n_samples=3", id="csv-n-too-small"),
+    pytest.param("csv", {"classes": 3}, "classes=3", id="csv-classes"),
     pytest.param(
         "csv", {"label_column": "y"}, "columns are: 'x1', 'x2', 'label'", id="csv-no-label"
     ),
     pytest.param(
-        "csv", {"feature_columns": ["x1"]}, "dataset.feature_columns", id="csv-features-one"
+        "csv", {"feature_columns": ["x1"]}, "feature_columns", id="csv-features-one"
     ),
     pytest.param(
         "csv", {"feature_columns": ["x1", "z"]}, "'z' is not a column", id="csv-features-unknown"
@@ -317,7 +318,7 @@ BAD = [
         "csv", {"feature_columns": ["x1", "label"]}, "label column", id="csv-features-label"
     ),
     pytest.param(
-        "csv", {"feature_columns": "x1,x2"}, "dataset.feature_columns", id="csv-features-string"
+        "csv", {"feature_columns": "x1,x2"}, "feature_columns", id="csv-features-string"
     ),
 ]
 
@@ -328,7 +329,8 @@ def test_bad_arguments(name, kwargs, expected):
         build(name, **kwargs)
     message = str(info.value)
     assert expected in message
-    assert "dataset" in message and "\n" not in message
+    # One line "<argument>=<value>: <what is allowed>", the argument as make_dataset takes it.
+    assert re.match(r"^\w+=.*: ", message) and "\n" not in message, message
 
 
 BAD_CSV = [
@@ -347,7 +349,7 @@ BAD_CSV = [
     ),
     pytest.param(
         "x1,x2,label\n1,2,0\n3,4,\n5,6,0\n7,8,1\n",
-        "dataset.label_column='label' has 1 missing",
+        "label_column='label': 1 missing",
         id="missing-label",
     ),
     pytest.param(
@@ -368,12 +370,12 @@ def test_bad_csv(tmp_path, text, expected):
         make_dataset("csv", path=str(path), seed=0)
     message = str(info.value)
     assert expected in message
-    assert "dataset." in message and str(path) in message and "\n" not in message
+    assert re.match(r"^\w+=.*: ", message) and str(path) in message and "\n" not in message
 
 
 def test_bad_csv_message_names_resolved_path(tmp_path):
     path = write_csv(tmp_path, "x1,x2,label\n1,2,a\n3,4,a\n")
-    with pytest.raises(ValueError, match="dataset.label_column") as info:
+    with pytest.raises(ValueError, match="^label_column=") as info:
         make_dataset("csv", path=path)
     assert str(path) in str(info.value)
 
@@ -381,6 +383,6 @@ def test_bad_csv_message_names_resolved_path(tmp_path):
 def test_class_too_rare_for_the_split(tmp_path):
     rows = [f"{i},{i % 3},a" for i in range(40)] + ["1,1,b", "2,2,b"]
     path = write_csv(tmp_path, "x1,x2,label\n" + "\n".join(rows) + "\n")
-    with pytest.raises(ValueError, match=r"dataset\.test_fraction=0\.1: class 'b' \(2 rows\)"):
+    with pytest.raises(ValueError, match=r"^test_fraction=0\.1: class 'b' \(2 rows\)"):
         make_dataset("csv", path=path, test_fraction=0.1)
     assert make_dataset("csv", path=path, test_fraction=0.5).n_classes == 2

@@ -1,6 +1,6 @@
 """Reliability through the real entry point: bad input, divergence, Ctrl-C and SIGTERM,
 concurrent writers, an unreachable or dying tracking server, tampered model files,
-determinism, and a sweep with a bad job (issue 6).
+determinism, and a sweep with a bad job.
 
 Everything runs the real ``python train.py`` in subprocesses (or ``pipeline.app.job.run`` where
 a subprocess adds nothing), against real SQLite stores in ``tmp_path`` and real
@@ -480,7 +480,8 @@ def _import_train():
 def test_sigterm_outside_a_job_is_handled_like_ctrl_c(monkeypatch, capsys):
     """Between the jobs of a sweep or while its report is made (outside ``app.run``),
     SIGTERM must still end in exit hooks (which end open runs KILLED), not a silent death."""
-    train = _import_train()
+    from pipeline.app import cli
+
     before = signal.getsignal(signal.SIGTERM)
 
     def main():
@@ -488,8 +489,7 @@ def test_sigterm_outside_a_job_is_handled_like_ctrl_c(monkeypatch, capsys):
         time.sleep(10)  # interrupted long before this ends
         raise AssertionError("SIGTERM was not delivered")
 
-    monkeypatch.setattr(train, "main", main)
-    assert train.cli([]) == 143
+    assert cli.run(main, []) == 143
     assert capsys.readouterr().err.strip() == "interrupted by SIGTERM; exiting"
     assert signal.getsignal(signal.SIGTERM) is before
 

@@ -416,7 +416,7 @@ def test_float32_and_float64_training_agree(moons):
         ({"batch_size": 1000}, "batch_size=1000: must be at most the 150 training samples"),
         ({"eval_every": 0}, "eval_every=0"),
         ({"patience": 3}, "patience: early stopping needs validation data"),
-        ({"optimizer": "lbfgs"}, "'lbfgs' is not a known optimizer; known: "),
+        ({"optimizer": "lbfgs"}, "name='lbfgs': unknown optimizer; choose one of "),
         ({"loss": "cross_entropy"}, "loss 'cross_entropy' does not fit a 'sigmoid' output"),
         ({"loss": "focal"}, "unknown loss 'focal'"),
         ({"X_val": np.zeros((3, 5)), "y_val": np.zeros(3)}, r"X has shape \(3, 5\)"),
