@@ -130,20 +130,18 @@ def true_labels(y: Array, T: Array) -> Array:
     return (T[:, 0] > 0.5).astype(np.int64) if T.shape[1] == 1 else np.argmax(T, axis=1)
 
 
-def _layer_norms(model: MLP, flat: Array) -> list[float]:
-    """Euclidean norm per layer of a flat vector laid out like ``model.params``."""
-    norms = []
-    offset = 0
-    bias_offset = model.n_weight_params
-    for W in model.weights:
-        sq = float(np.dot(flat[offset : offset + W.size], flat[offset : offset + W.size]))
-        offset += W.size
-        if model.biases is not None:
-            b = flat[bias_offset : bias_offset + W.shape[1]]
-            sq += float(np.dot(b, b))
-            bias_offset += W.shape[1]
-        norms.append(np.sqrt(sq))
-    return norms
+def layer_norms(flat: Array, layer_of: Array, n_layers: int) -> Array:
+    """Euclidean norm per layer (weights and biases together) of a flat vector laid out
+    like ``model.params``; ``layer_of[i]`` is the layer of parameter ``i``."""
+    return np.sqrt(np.bincount(layer_of, weights=flat * flat, minlength=n_layers))
+
+
+def layer_of_params(model: MLP) -> Array:
+    """The layer (0-based) of every parameter of ``model``, in the flat layout."""
+    shapes = list(zip(model.sizes[:-1], model.sizes[1:], strict=True))
+    weights = [np.full(fan_in * fan_out, k) for k, (fan_in, fan_out) in enumerate(shapes)]
+    biases = [np.full(fan_out, k) for k, (_, fan_out) in enumerate(shapes)] if model.bias else []
+    return np.concatenate(weights + biases).astype(np.intp)
 
 
 def unit_fractions(activations: Sequence[Activation], hidden: Sequence[Array]) -> dict[str, float]:
@@ -157,14 +155,15 @@ def unit_fractions(activations: Sequence[Activation], hidden: Sequence[Array]) -
             # A unit is dead when it never leaves its flat part (a <= 0) on any training
             # sample. For leaky_relu and elu that part still has a small slope, so such
             # units learn slowly rather than not at all, but the signal is the same.
-            out[f"dead_fraction/layer_{i}"] = float(np.mean(np.all(a <= 0, axis=0)))
+            dead = np.count_nonzero(np.all(a <= 0, axis=0))
+            out[f"dead_fraction/layer_{i}"] = dead / a.shape[1]
         elif act.family == "saturating":
             if act.name == "tanh":
                 deriv, peak = 1.0 - a * a, 1.0
             else:
                 deriv, peak = a * (1.0 - a), 0.25
-            out[f"saturated_fraction/layer_{i}"] = float(
-                np.mean(deriv < SATURATION_THRESHOLD * peak)
+            out[f"saturated_fraction/layer_{i}"] = (
+                np.count_nonzero(deriv < SATURATION_THRESHOLD * peak) / a.size
             )
     return out
 
@@ -192,16 +191,17 @@ def _loss_and_accuracy(model, loss: Loss, z: Array, a: Array, T: Array,
 
 
 class OutputRecord:
-    """The output (and, with ``hidden``, the hidden) values of one epoch's forward passes,
-    row for row as the steps saw them: what ``train/loss``, ``train/accuracy`` and the
-    unit fractions of an epoch are computed from (see the module notes)."""
+    """The output values of one epoch's forward passes, row for row as the steps saw
+    them, and with ``hidden`` the hidden layers' values: what ``train/loss``,
+    ``train/accuracy`` and the unit fractions of an epoch are computed from (see the
+    module notes)."""
 
     def __init__(self, model: MLP, n: int, hidden: bool) -> None:
-        self.model = model
+        self.model, self.n, self.hidden = model, n, hidden
         self.z = np.empty((n, model.n_outputs), dtype=model.dtype)
         self.a = np.empty_like(self.z)
-        widths = model.sizes[1:-1] if hidden else []
-        self.hidden = [np.empty((n, w), dtype=model.dtype) for w in widths]
+        self.kept: list[Array] | None = None  # hidden values of an epoch of several steps
+        self.fractions: dict[str, float] = {}
 
     def add(self, start: int, z: Array, a: Array, hidden: Sequence[Array] = ()) -> None:
         """Keep a batch's output pre-activations ``z``, outputs ``a`` and hidden values
@@ -209,7 +209,15 @@ class OutputRecord:
         stop = start + z.shape[0]
         self.z[start:stop] = z
         self.a[start:stop] = a
-        for kept, values in zip(self.hidden, hidden, strict=False):
+        if not self.hidden:
+            return
+        if stop - start == self.n:  # the epoch is one step: count now, keep nothing
+            self.fractions = unit_fractions(self.model.hidden_activations, hidden)
+            return
+        if self.kept is None:
+            self.kept = [np.empty((self.n, w), dtype=self.model.dtype)
+                         for w in self.model.sizes[1:-1]]
+        for kept, values in zip(self.kept, hidden, strict=True):
             kept[start:stop] = values
 
     def loss(self, loss: Loss, T: Array) -> float:
@@ -221,7 +229,8 @@ class OutputRecord:
         value, accuracy = _loss_and_accuracy(self.model, loss, self.z, self.a, T, labels)
         out = {"train/loss": value, "train/accuracy": accuracy}
         if self.hidden:
-            out.update(unit_fractions(self.model.hidden_activations, self.hidden))
+            out.update(self.fractions if self.kept is None
+                       else unit_fractions(self.model.hidden_activations, self.kept))
         return out
 
 
@@ -291,11 +300,15 @@ class Stepper:
         """Per layer, the gradient norm and the size of the epoch's last update relative
         to the weights (``previous``: the parameters before it)."""
         model, out = self.model, {}
-        norms = zip(_layer_norms(model, model.grad), _layer_norms(model, model.params - previous),
-                    _layer_norms(model, model.params), strict=True)
+        if getattr(self, "layer_of", None) is None:
+            self.layer_of = layer_of_params(model)
+        L, layer_of = model.n_layers, self.layer_of
+        norms = zip(layer_norms(model.grad, layer_of, L).tolist(),
+                    layer_norms(model.params - previous, layer_of, L).tolist(),
+                    layer_norms(model.params, layer_of, L).tolist(), strict=True)
         for i, (g, u, w) in enumerate(norms, start=1):
-            out[f"grad_norm/layer_{i}"] = float(g)
-            out[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
+            out[f"grad_norm/layer_{i}"] = g
+            out[f"update_ratio/layer_{i}"] = u / w if w > 0 else 0.0
         return out
 
     def check_params(self, epoch: int) -> None:

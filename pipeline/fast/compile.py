@@ -89,8 +89,9 @@ class CompiledStepper(Stepper):
         self.views = ShuffledViews(X, T, labels, self.batch_size)
         # An optimiser with a step of its own gets its step method, on the model's arrays.
         own_step = type(opt).step is not DEFINED_STEP
+        # Packing pays over many steps; a full-batch epoch is one step between syncs.
         self.packed = (not own_step and model.bias and type(opt) in OPTIMIZERS.values()
-                       and opt._uniform)
+                       and opt._uniform and len(self.views.views) > 1)
         self.P, self.dP = model.params, model.grad
         if self.packed:
             self.order = packed_order(model)
