@@ -51,9 +51,10 @@ def _child(root: Path, warm: int) -> dict:
     import numpy as np
 
     from pipeline.data.datasets import make_dataset
-    from pipeline.engine.loop import History, fit
+    from pipeline.engine.loop import History
     from pipeline.engine.mlp import MLP
     from pipeline.engine.optim import make_optimizer
+    from pipeline.fast import fit
 
     # Training happens before anything is timed; frames are replayed from snapshots.
     ds = make_dataset("moons", n_samples=500, noise=0.2, test_fraction=0.25, seed=0)

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import CONFIGS, Config, environment, make_data, run_ours  # noqa: E402
 
 from pipeline.engine.optim import make_optimizer  # noqa: E402
-from pipeline.fast.replicas import ReplicaMLP, fit_replicas  # noqa: E402
+from pipeline.fast import fit_replicas  # noqa: E402
+from pipeline.fast.replicas import ReplicaMLP  # noqa: E402
 
 
 def run_replicas(cfg: Config, X: np.ndarray, y: np.ndarray, epochs: int, k: int,

@@ -46,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from pipeline.engine.loop import blas_threads_for, fit  # noqa: E402
 from pipeline.engine.mlp import MLP  # noqa: E402
 from pipeline.engine.optim import make_optimizer  # noqa: E402
+from pipeline.fast import fit  # noqa: E402
+from pipeline.fast.threads import blas_threads_for  # noqa: E402
 
 try:  # optional peer
     import torch

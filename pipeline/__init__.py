@@ -5,7 +5,8 @@ Where things live (start reading at ``pipeline/engine/mlp.py``):
 - ``pipeline.engine``: the math, numpy and the standard library only. The MLP and its
   backward pass, activations, losses, initialisers, optimisers, the training loop,
   gradient checking and a scalar autodiff. What a student opens.
-- ``pipeline.fast``: the same math made fast (replicas trained side by side).
+- ``pipeline.fast``: the same math made fast: compiled steps, in-place kernels, replicas
+  trained side by side; ``pipeline.fit`` is ``pipeline.fast.fit``.
 - ``pipeline.data``: the datasets (scikit-learn generators, CSV), split and standardised.
 - ``pipeline.estimators``: scikit-learn compatible estimators around the engine.
 - ``pipeline.app``: the Hydra edge: config schema, one job, sweeps.
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MLP": "pipeline.engine.mlp",
-    "fit": "pipeline.engine.loop",
+    "fit": "pipeline.fast",
     "make_optimizer": "pipeline.engine.optim",
     "make_dataset": "pipeline.data.datasets",
     "MLPClassifier": "pipeline.estimators",

@@ -47,10 +47,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.engine.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 from pipeline.engine.init import INITIALIZERS
-from pipeline.engine.loop import fit as train
 from pipeline.engine.losses import LOSSES, default_loss, get_loss
 from pipeline.engine.mlp import MLP
 from pipeline.engine.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from pipeline.fast import fit as train
 
 __all__ = ["MLPClassifier"]
 

@@ -34,10 +34,12 @@ from pipeline.app.config import (
 )
 from pipeline.app.progress import ProgressBar, want_progress
 from pipeline.data.datasets import Dataset, make_dataset
-from pipeline.engine.loop import DivergenceError, History, blas_threads, fit
+from pipeline.engine.loop import DivergenceError, History
 from pipeline.engine.mlp import MLP
 from pipeline.engine.optim import make_optimizer
-from pipeline.fast.replicas import fit_replicas, replicas_from_config
+from pipeline.fast import fit, fit_replicas
+from pipeline.fast.replicas import replicas_from_config
+from pipeline.fast.threads import blas_threads
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,19 @@
 """The training loop: batches, optimiser steps, evaluation, diagnostics, callbacks.
 
+:func:`fit` runs epochs over a :class:`Stepper`, the object that makes a run's training
+steps. The engine's own, :class:`PlainStepper`, is the textbook loop (forward pass,
+output delta, backward pass, optimiser step per batch, in :mod:`pipeline.engine.mlp`'s
+words). :mod:`pipeline.fast` has a compiled one and one for K replicas trained side by
+side; its ``pipeline.fast.fit`` (exported as ``pipeline.fit``) is this function with the
+compiled stepper, and the tests hold both to the same numbers.
+
+What ``train/loss`` and ``train/accuracy`` mean: the mean over the epoch's samples of
+the loss (and accuracy) the training steps saw, each sample scored by the forward pass
+of its own step, before that step's update: a running mean over the batches, as
+scikit-learn (``loss_curve_``) and Keras report it. With full batches that is the loss of
+the parameters the previous epoch ended with; no second forward pass over the training
+data is made. The dead and saturated unit fractions come from the same forward passes.
+
 :func:`fit` knows nothing of Hydra, MLflow, files or terminals. After every evaluated
 epoch it hands a flat ``{name: float}`` dict to each callback; progress bars, trackers
 and plot recorders are callbacks, so a run without them (a test, a notebook) follows the
@@ -8,114 +22,23 @@ same code path as a tracked run.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.engine.activations import Activation
 from pipeline.engine.losses import LOSSES, Loss, get_loss, scores_to_proba
-from pipeline.engine.mlp import MLP, packed_order
-from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_optimizer
+from pipeline.engine.mlp import MLP, forward_pass
+from pipeline.engine.optim import Optimizer, make_optimizer
 
 Array = np.ndarray
-# The step method as defined: the trainer skips its argument checks only when neither a
-# subclass nor a test has replaced it.
-_OPTIMIZER_STEP = Optimizer.step
 Callback = Callable[[int, dict[str, float]], object]
 
 # A unit counts as saturated where its local derivative is below this share of the
 # function's largest derivative: |a| > 0.975 for tanh, a < 0.013 or a > 0.987 for sigmoid.
 SATURATION_THRESHOLD = 0.05
-
-
-# BLAS threads pay off only when one matrix product is large: below about 2**27
-# multiply-adds the second thread's start-up and synchronisation cost more than it saves,
-# and on a busy machine far more (measured on the 2-core machine: 256x64x64 runs 2.5x
-# slower on 2 threads, 2000x256x256 1.5x faster; see benchmarks/README.md). Elementwise
-# numpy work is single-threaded anyway.
-PARALLEL_MIN_MACS = 2**27
-_CORES = os.cpu_count() or 1  # os.cpu_count() reads /sys: tens of microseconds a call
-
-
-def blas_threads_for(batch: int, widths: Sequence[int], cores: int | None = None) -> int:
-    """BLAS threads worth using for training steps on ``batch`` rows.
-
-    Parameters
-    ----------
-    batch : int
-        Rows per step (the batch size, or the data size for full batch).
-    widths : sequence of int
-        Layer widths from input to output, like ``model.sizes``.
-    cores : int, optional
-        Cores available; default ``os.cpu_count()``.
-
-    Returns
-    -------
-    int
-        1 when the largest matrix product of a step (``batch * fan_in * fan_out``
-        multiply-adds) is below :data:`PARALLEL_MIN_MACS`, else all cores.
-    """
-    cores = cores if cores is not None else _CORES
-    largest = max(fi * fo for fi, fo in zip(widths[:-1], widths[1:], strict=True))
-    return cores if batch * largest >= PARALLEL_MIN_MACS else 1
-
-
-_BLAS: dict[str, object] = {"controller": None, "n_modules": -1}
-
-
-def _blas_controller():
-    """A threadpoolctl controller of the loaded BLAS libraries, cached.
-
-    Building one scans every loaded shared library (milliseconds once torch or scipy are
-    loaded, as long as a short training run); a BLAS library can only appear with a new
-    import, so the scan is redone only when ``sys.modules`` has grown.
-    """
-    n_modules = len(sys.modules)
-    if _BLAS["controller"] is None or _BLAS["n_modules"] != n_modules:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS["controller"] = ThreadpoolController().select(user_api="blas")
-        _BLAS["n_modules"] = n_modules
-    return _BLAS["controller"]
-
-
-def current_blas_threads() -> int | None:
-    """The BLAS thread limit in force (the largest over loaded BLAS libraries)."""
-    counts = [lib.num_threads for lib in _blas_controller().lib_controllers]
-    return max(counts) if counts else None
-
-
-@contextmanager
-def blas_threads(limit: int | None) -> Iterator[None]:
-    """Run the block with at most ``limit`` BLAS threads, restoring the settings after.
-
-    ``None`` changes nothing. Thread counts apply to every loaded BLAS library
-    (numpy's and scipy's OpenBLAS), through threadpoolctl.
-    """
-    if limit is None:
-        yield
-        return
-    with _blas_controller().limit(limits=int(limit)):
-        yield
-
-
-def _resolve_threads(threads: int | str | None, batch: int, sizes: Sequence[int]) -> int | None:
-    """The limit :func:`fit` applies for its ``threads`` argument (None: leave as is)."""
-    if threads is None:
-        return None
-    if threads == "auto":
-        wanted = blas_threads_for(batch, sizes)
-        current = current_blas_threads()
-        if current is None or wanted >= current:
-            return None  # never raise a limit set outside (one thread per sweep job)
-        return wanted
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads={threads!r}: must be 'auto', None or an integer >= 1")
-    return int(threads)
 
 
 class StopTraining(Exception):
@@ -207,48 +130,235 @@ def true_labels(y: Array, T: Array) -> Array:
     return (T[:, 0] > 0.5).astype(np.int64) if T.shape[1] == 1 else np.argmax(T, axis=1)
 
 
-def _diagnostics(model: MLP, As: list[Array], out: dict[str, float]) -> None:
-    """Dead and saturated unit fractions per hidden layer, from a forward pass on data."""
-    for i, act in enumerate(model.hidden_activations, start=1):
-        a = As[i]
+def layer_norms(flat: Array, layer_of: Array, n_layers: int) -> Array:
+    """Euclidean norm per layer (weights and biases together) of a flat vector laid out
+    like ``model.params``; ``layer_of[i]`` is the layer of parameter ``i``."""
+    return np.sqrt(np.bincount(layer_of, weights=flat * flat, minlength=n_layers))
+
+
+def layer_of_params(model: MLP) -> Array:
+    """The layer (0-based) of every parameter of ``model``, in the flat layout."""
+    shapes = list(zip(model.sizes[:-1], model.sizes[1:], strict=True))
+    weights = [np.full(fan_in * fan_out, k) for k, (fan_in, fan_out) in enumerate(shapes)]
+    biases = [np.full(fan_out, k) for k, (_, fan_out) in enumerate(shapes)] if model.bias else []
+    return np.concatenate(weights + biases).astype(np.intp)
+
+
+def unit_fractions(activations: Sequence[Activation], hidden: Sequence[Array]) -> dict[str, float]:
+    """Dead and saturated unit fractions per hidden layer, from its values on data.
+
+    ``hidden[i - 1]`` holds hidden layer ``i``'s values ``(n, width)``.
+    """
+    out: dict[str, float] = {}
+    for i, (act, a) in enumerate(zip(activations, hidden, strict=True), start=1):
         if act.family == "relu":
             # A unit is dead when it never leaves its flat part (a <= 0) on any training
             # sample. For leaky_relu and elu that part still has a small slope, so such
             # units learn slowly rather than not at all, but the signal is the same.
-            out[f"dead_fraction/layer_{i}"] = float(np.mean(np.all(a <= 0, axis=0)))
+            dead = np.count_nonzero(np.all(a <= 0, axis=0))
+            out[f"dead_fraction/layer_{i}"] = dead / a.shape[1]
         elif act.family == "saturating":
             if act.name == "tanh":
                 deriv, peak = 1.0 - a * a, 1.0
             else:
                 deriv, peak = a * (1.0 - a), 0.25
-            out[f"saturated_fraction/layer_{i}"] = float(
-                np.mean(deriv < SATURATION_THRESHOLD * peak)
+            out[f"saturated_fraction/layer_{i}"] = (
+                np.count_nonzero(deriv < SATURATION_THRESHOLD * peak) / a.size
             )
+    return out
 
 
-def _layer_norms(model: MLP, flat: Array) -> list[float]:
-    """Euclidean norm per layer of a flat vector laid out like ``model.params``."""
-    norms = []
-    offset = 0
-    bias_offset = model.n_weight_params
-    for W in model.weights:
-        sq = float(np.dot(flat[offset : offset + W.size], flat[offset : offset + W.size]))
-        offset += W.size
-        if model.biases is not None:
-            b = flat[bias_offset : bias_offset + W.shape[1]]
-            sq += float(np.dot(b, b))
-            bias_offset += W.shape[1]
-        norms.append(np.sqrt(sq))
-    return norms
+def evaluate(model: MLP, X: Array, T: Array, labels: Array, loss: Loss,
+             forward: Callable[[Array], tuple[list[Array], list[Array]]] | None = None,
+             ) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on checked inputs.
+
+    ``forward(X) -> (Zs, As)`` runs the forward pass (default: :func:`forward_pass` on
+    the model's parameters; a compiled stepper passes its own).
+    """
+    if forward is None:
+        Zs, As = forward_pass(X, model.weights, model.biases, model.activations)
+    else:
+        Zs, As = forward(X)
+    return _loss_and_accuracy(model, loss, Zs[-1], As[-1], T, labels)
 
 
-def evaluate(model: MLP, X: Array, T: Array, labels: Array, loss: Loss) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on checked inputs."""
-    Zs, As = model._forward(X)
-    value = loss.value(Zs[-1], As[-1], T)
-    proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
-    accuracy = float(np.mean(np.argmax(proba, axis=1) == labels))
-    return value, accuracy
+def _loss_and_accuracy(model, loss: Loss, z: Array, a: Array, T: Array,
+                       labels: Array) -> tuple[float, float]:
+    value = loss.value(z, a, T)
+    proba = scores_to_proba(a, model.output_activation.name, loss.name)
+    return value, float(np.mean(np.argmax(proba, axis=1) == labels))
+
+
+class OutputRecord:
+    """The output values of one epoch's forward passes, row for row as the steps saw
+    them, and with ``hidden`` the hidden layers' values: what ``train/loss``,
+    ``train/accuracy`` and the unit fractions of an epoch are computed from (see the
+    module notes)."""
+
+    def __init__(self, model: MLP, n: int, hidden: bool) -> None:
+        self.model, self.n, self.hidden = model, n, hidden
+        # Column-major, like the fast path's buffers: copying a batch's columns is then
+        # contiguous (a transposing copy cost 90 us per step on 256 x 64).
+        self.z = np.empty((n, model.n_outputs), dtype=model.dtype, order="F")
+        self.a = np.empty_like(self.z)
+        self.kept: list[Array] | None = None  # hidden values of an epoch of several steps
+        self.fractions: dict[str, float] = {}
+
+    def add(self, start: int, z: Array, a: Array, hidden: Sequence[Array] = ()) -> None:
+        """Keep a batch's output pre-activations ``z``, outputs ``a`` and hidden values
+        (``hidden[i - 1]`` of layer ``i``, when recorded) at rows ``start..``."""
+        stop = start + z.shape[0]
+        self.z[start:stop] = z
+        self.a[start:stop] = a
+        if not self.hidden:
+            return
+        if stop - start == self.n:  # the epoch is one step: count now, keep nothing
+            self.fractions = unit_fractions(self.model.hidden_activations, hidden)
+            return
+        if self.kept is None:
+            self.kept = [np.empty((self.n, w), dtype=self.model.dtype, order="F")
+                         for w in self.model.sizes[1:-1]]
+        for kept, values in zip(self.kept, hidden, strict=True):
+            kept[start:stop] = values
+
+    def loss(self, loss: Loss, T: Array) -> float:
+        """The mean loss over the recorded rows (``T``: their targets)."""
+        return loss.value(self.z, self.a, T)
+
+    def metrics(self, loss: Loss, T: Array, labels: Array) -> dict[str, float]:
+        """``train/loss``, ``train/accuracy`` and, when recorded, the unit fractions."""
+        value, accuracy = _loss_and_accuracy(self.model, loss, self.z, self.a, T, labels)
+        out = {"train/loss": value, "train/accuracy": accuracy}
+        if self.hidden:
+            out.update(self.fractions if self.kept is None
+                       else unit_fractions(self.model.hidden_activations, self.kept))
+        return out
+
+
+class Stepper:
+    """The training steps of one run, as :func:`fit` drives them.
+
+    Per epoch :func:`fit` calls :meth:`set_epoch` and :meth:`epoch`, then
+    :meth:`check_params`; on evaluated epochs :meth:`sync` (the model's arrays are then
+    up to date), :meth:`train_metrics`, :meth:`evaluate` on the validation data and
+    :meth:`diagnostics`; at the end, also after an error, :meth:`close`.
+
+    The methods here serve any stepper of one :class:`MLP`; a stepper of several
+    networks (:mod:`pipeline.fast.replicas`) returns arrays of per-network values and
+    records them with its own :meth:`new_history` and :meth:`record`.
+    """
+
+    def __init__(self, model: MLP, loss: Loss, optimizer: Optimizer, batch_size: int) -> None:
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.batch_size = batch_size
+        self.last: tuple[OutputRecord, Array, Array] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.optimizer.set_epoch(epoch)
+
+    def epoch(self, X: Array, T: Array, labels: Array, order: Array | None, *,
+              track: bool = False, hidden: bool = False,
+              previous: Array | None = None) -> None:
+        """One epoch of steps on the rows of ``X`` (targets ``T``, ``labels``) in
+        ``order`` (None: as they are), batch after batch.
+
+        ``track`` records the steps' outputs for :meth:`train_loss` and
+        :meth:`train_metrics`, ``hidden`` the hidden values too; ``previous``, if given,
+        receives the parameters before the epoch's last step.
+        """
+        raise NotImplementedError
+
+    @property
+    def params(self) -> Array:
+        """The parameters as the last step left them (in whatever order the steps keep)."""
+        return self.model.params
+
+    def sync(self) -> None:
+        """Put the model's own arrays (and the optimiser's state) in order."""
+
+    def close(self) -> None:
+        self.sync()
+
+    def train_loss(self) -> float:
+        record, T, _ = self.last
+        return record.loss(self.loss, T)
+
+    def train_metrics(self) -> dict[str, float]:
+        record, T, labels = self.last
+        return record.metrics(self.loss, T, labels)
+
+    def forward(self, X: Array) -> tuple[list[Array], list[Array]]:
+        return forward_pass(X, self.model.weights, self.model.biases, self.model.activations)
+
+    def evaluate(self, X: Array, T: Array, labels: Array) -> tuple[float, float]:
+        return evaluate(self.model, X, T, labels, self.loss, self.forward)
+
+    @property
+    def current_lr(self) -> float:
+        return float(self.optimizer.current_lr)
+
+    def diagnostics(self, previous: Array) -> dict[str, float]:
+        """Per layer, the gradient norm and the size of the epoch's last update relative
+        to the weights (``previous``: the parameters before it)."""
+        model, out = self.model, {}
+        if getattr(self, "layer_of", None) is None:
+            self.layer_of = layer_of_params(model)
+        L, layer_of = model.n_layers, self.layer_of
+        norms = zip(layer_norms(model.grad, layer_of, L).tolist(),
+                    layer_norms(model.params - previous, layer_of, L).tolist(),
+                    layer_norms(model.params, layer_of, L).tolist(), strict=True)
+        for i, (g, u, w) in enumerate(norms, start=1):
+            out[f"grad_norm/layer_{i}"] = g
+            out[f"update_ratio/layer_{i}"] = u / w if w > 0 else 0.0
+        return out
+
+    def check_params(self, epoch: int) -> None:
+        if not all_finite(self.params):
+            raise DivergenceError(epoch, "parameters became non-finite")
+
+    def check_metrics(self, epoch: int, metrics: dict) -> None:
+        if not np.isfinite(metrics["train/loss"]):
+            raise DivergenceError(epoch, f"loss became {metrics['train/loss']}")
+
+    def new_history(self) -> History:
+        return History()
+
+    def record(self, history: History, epoch: int, metrics: dict) -> dict[str, float]:
+        """Append an evaluated epoch to ``history``; the dict callbacks are given."""
+        history.append(epoch, metrics)
+        return metrics
+
+
+class PlainStepper(Stepper):
+    """The textbook step, one batch at a time: forward pass, output delta, backward pass
+    (:mod:`pipeline.engine.mlp`) and the optimiser's step. Slow on purpose: it is the
+    reference the fast steppers are tested against."""
+
+    def epoch(self, X: Array, T: Array, labels: Array, order: Array | None, *,
+              track: bool = False, hidden: bool = False,
+              previous: Array | None = None) -> None:
+        model, loss, batch = self.model, self.loss, self.batch_size
+        if order is not None:
+            X, T, labels = X[order], T[order], labels[order]
+        n = X.shape[0]
+        record = OutputRecord(model, n, hidden) if track else None
+        for start in range(0, n, batch):
+            xb, tb = X[start : start + batch], T[start : start + batch]
+            Zs, As = forward_pass(xb, model.weights, model.biases, model.activations)
+            if record is not None:
+                record.add(start, Zs[-1], As[-1], As[1:-1])
+            delta = loss.delta(Zs[-1], As[-1], tb, model.output_activation)
+            model.backward(Zs, As, delta)
+            if previous is not None and start + batch >= n:
+                previous[...] = model.params
+            self.optimizer.step(model.params, model.grad)
+        if record is not None:
+            self.last = (record, T, labels)
+
+
+# How fit() gets its stepper: stepper(model, loss, optimizer, batch_size).
+StepperFactory = Callable[[MLP, Loss, Optimizer, int], Stepper]
 
 
 def fit(
@@ -268,8 +378,7 @@ def fit(
     patience: int | None = None,
     restore_best: bool = True,
     diagnostics: bool = True,
-    threads: int | str | None = "auto",
-    fast: bool = True,
+    stepper: StepperFactory | None = None,
 ) -> History:
     """Train ``model`` in place by mini-batch gradient descent.
 
@@ -303,20 +412,15 @@ def fit(
     diagnostics : bool
         Also report per-layer gradient norms, update-to-weight ratios and the fractions
         of dead or saturated hidden units.
-    threads : "auto", int or None
-        BLAS threads during training: ``"auto"`` picks :func:`blas_threads_for` the
-        batch and layer sizes, never more than the limit already in force (so a sweep
-        job capped at one thread stays at one); an integer sets exactly that many;
-        None leaves the BLAS settings alone. Settings are restored on return.
-    fast : bool
-        Use the preallocated fast path (:meth:`MLP._value_and_grad`, batches as views of
-        a shuffled copy). False runs the straightforward allocating reference path
-        (:meth:`MLP._value_and_grad_reference`, per-step gathers); both give the same
-        numbers up to floating-point rounding.
+    stepper : callable, optional
+        ``stepper(model, loss, optimizer, batch_size) -> Stepper``: who makes the steps.
+        Default :class:`PlainStepper`; ``pipeline.fast.fit`` passes the compiled one.
 
     Returns
     -------
     History
+        ``train/loss`` and ``train/accuracy`` are running means over each epoch's steps
+        (see the module notes).
 
     Raises
     ------
@@ -333,114 +437,69 @@ def fit(
     eval_every = _positive_int("eval_every", eval_every)
     if patience is not None:
         patience = _positive_int("patience", patience)
-
     X, T, labels, batch, val = prepare_inputs(model, X, y, batch_size, X_val, y_val, patience)
     n = X.shape[0]
-    has_val = val is not None
-    if has_val:
-        X_val, T_val, labels_val = val
 
     callbacks = list(callbacks)
-    optimizer.bind(model.n_params, model.n_weight_params, model.dtype)
+    optimizer.bind(model.params.size, model.n_weight_params, model.dtype)
     rng = np.random.default_rng(seed)
-    history = History()
+    steps = (stepper or PlainStepper)(model, loss, optimizer, batch)
+    history = steps.new_history()
     early = EarlyStopping(patience, restore_best)
-    n_batches = -(-n // batch)
     previous = np.empty_like(model.params) if diagnostics else None
-    if fast:
-        value_and_grad, forward = model._value_and_grad, model._forward_fast
-        epoch_batches = _ShuffledViews(X, T, batch, rng)
-    else:
-        value_and_grad, forward = model._value_and_grad_reference, model._forward
-        # Reused batch buffers: fancy indexing would allocate a fresh copy every step.
-        Xb = np.empty((batch, X.shape[1]), dtype=model.dtype)
-        Tb = np.empty((batch, T.shape[1]), dtype=model.dtype)
-
-        def epoch_batches() -> Iterable[tuple[Array, Array]]:
-            return [(X, T)] if batch == n else _shuffled_batches(X, T, rng, batch, Xb, Tb)
-
-    params, grad = model.params, model.grad
-    # The arrays were bound above with their shape and dtype, so the per-step argument
-    # checks of Optimizer.step can be skipped (unless a subclass has its own step).
-    fast_step = fast and type(optimizer).step is _OPTIMIZER_STEP
-    step = optimizer._step if fast_step else optimizer.step
-    bound = None
-    if fast_step and type(model)._value_and_grad is MLP._value_and_grad:
-        bound = _BoundSteps(model, loss, optimizer, epoch_batches)
-    # Full batch: the first (only) step of an epoch sees exactly the parameters the
-    # previous epoch ended with, so its loss, cheap next to the forward pass it needs
-    # anyway, is the training loss an evaluation of that epoch would have found. A loss
-    # that overflows while the parameters stay finite (squared errors of exploding
-    # outputs) is then reported in the epoch it appeared, whatever eval_every (with
-    # mini-batches, at the next evaluation). The losses computed from the logits (bce,
-    # cross_entropy, hinge) stay finite while the outputs do, so they skip the check.
+    # Full batch: the loss of an epoch's one step, cheap next to the forward pass it needs
+    # anyway, is that epoch's training loss. A loss that overflows while the parameters
+    # stay finite (squared errors of exploding outputs) is then reported in the epoch it
+    # appeared, whatever eval_every (with mini-batches, at the next evaluation). The
+    # losses computed from the logits (bce, cross_entropy, hinge) stay finite while the
+    # outputs do.
     check_unevaluated = batch == n and eval_every > 1 and not _logit_loss(loss)
     evaluated_last = True
-    with blas_threads(_resolve_threads(threads, batch, model.sizes)):
-        try:
-            for epoch in range(1, epochs + 1):
-                optimizer.set_epoch(epoch)
-                evaluate_now = epoch % eval_every == 0 or epoch == epochs
-                keep_previous = evaluate_now and diagnostics
-                check_loss = check_unevaluated and not evaluated_last
-                evaluated_last = evaluate_now
-                if bound is not None and not check_loss and not keep_previous:
-                    bound.epoch()
-                else:
-                    if bound is not None:
-                        bound.sync()
-                    run_epoch_steps(epoch_batches(), n_batches, value_and_grad, step, loss,
-                                    epoch, check_loss, previous if keep_previous else None,
-                                    params, grad)
-                if not _all_finite(params if bound is None else bound.current_params):
-                    raise DivergenceError(epoch, "parameters became non-finite")
-                if not evaluate_now:
-                    continue
-                if bound is not None:
-                    bound.sync()
+    try:
+        for epoch in range(1, epochs + 1):
+            steps.set_epoch(epoch)
+            evaluate_now = epoch % eval_every == 0 or epoch == epochs
+            check_loss = check_unevaluated and not evaluated_last
+            evaluated_last = evaluate_now
+            order = rng.permutation(n) if batch < n else None
+            steps.epoch(X, T, labels, order, track=evaluate_now or check_loss,
+                        hidden=evaluate_now and diagnostics,
+                        previous=previous if evaluate_now and diagnostics else None)
+            if check_loss:
+                value = steps.train_loss()
+                if not np.isfinite(value):
+                    raise DivergenceError(epoch, f"loss became {value}")
+            if not evaluate_now:
+                steps.check_params(epoch)
+                continue
 
-                eval_started = time.perf_counter()
-                metrics: dict[str, float] = {}
-                Zs, As = forward(X)
-                train_loss = loss.value(Zs[-1], As[-1], T)
-                if not np.isfinite(train_loss):
-                    raise DivergenceError(epoch, f"loss became {train_loss}")
-                proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
-                metrics["train/loss"] = train_loss
-                metrics["train/accuracy"] = float(np.mean(np.argmax(proba, axis=1) == labels))
-                unit_fractions: dict[str, float] = {}
-                if diagnostics:
-                    # Now, before a validation forward pass that may reuse the same buffers.
-                    _diagnostics(model, As, unit_fractions)
-                if has_val:
-                    val_loss, val_accuracy = _evaluate(forward, model, X_val, T_val, labels_val,
-                                                       loss)
-                    metrics["test/loss"] = val_loss
-                    metrics["test/accuracy"] = val_accuracy
-                metrics["lr"] = float(optimizer.current_lr)
-                if diagnostics:
-                    grad_norms = _layer_norms(model, model.grad)
-                    update_norms = _layer_norms(model, model.params - previous)
-                    weight_norms = _layer_norms(model, model.params)
-                    norms = zip(grad_norms, update_norms, weight_norms, strict=True)
-                    for i, (g, u, w) in enumerate(norms, start=1):
-                        metrics[f"grad_norm/layer_{i}"] = float(g)
-                        metrics[f"update_ratio/layer_{i}"] = float(u / w) if w > 0 else 0.0
-                    metrics.update(unit_fractions)
-                history.append(epoch, metrics)
-                history.eval_seconds += time.perf_counter() - eval_started
+            eval_started = time.perf_counter()
+            steps.sync()
+            train = steps.train_metrics()
+            metrics = {"train/loss": train.pop("train/loss"),
+                       "train/accuracy": train.pop("train/accuracy")}
+            # The loss first: the steps saw it before this epoch's updates.
+            steps.check_metrics(epoch, metrics)
+            steps.check_params(epoch)
+            if val is not None:
+                metrics["test/loss"], metrics["test/accuracy"] = steps.evaluate(*val)
+            metrics["lr"] = steps.current_lr
+            if diagnostics:
+                metrics.update(steps.diagnostics(previous))
+                metrics.update(train)  # the unit fractions
+            summary = steps.record(history, epoch, metrics)
+            history.eval_seconds += time.perf_counter() - eval_started
 
-                stop = has_val and early.update(epoch, metrics["test/loss"], model.params,
-                                                history)
-                callbacks_started = time.perf_counter()
-                stop = run_callbacks(callbacks, epoch, metrics) or stop
-                history.callback_seconds += time.perf_counter() - callbacks_started
-                if stop and epoch < epochs:
-                    history.stopped_early = True
-                    break
-        finally:
-            if bound is not None:
-                bound.sync()  # params, grad and the optimiser's state back in order
+            stop = val is not None and early.update(epoch, summary["test/loss"], model.params,
+                                                    history)
+            callbacks_started = time.perf_counter()
+            stop = run_callbacks(callbacks, epoch, summary) or stop
+            history.callback_seconds += time.perf_counter() - callbacks_started
+            if stop and epoch < epochs:
+                history.stopped_early = True
+                break
+    finally:
+        steps.close()  # parameters, gradient and the optimiser's state back in order
 
     if early.best_params is not None:
         model.set_params(early.best_params)
@@ -487,37 +546,7 @@ def _logit_loss(loss: Loss) -> bool:
     return loss.name in ("bce", "cross_entropy", "hinge") and LOSSES.get(loss.name) is loss
 
 
-def _evaluate(forward, model: MLP, X: Array, T: Array, labels: Array, loss: Loss):
-    Zs, As = forward(X)
-    value = loss.value(Zs[-1], As[-1], T)
-    proba = scores_to_proba(As[-1], model.output_activation.name, loss.name)
-    return value, float(np.mean(np.argmax(proba, axis=1) == labels))
-
-
-def run_epoch_steps(batches: Iterable[tuple[Array, Array]], n_batches: int, value_and_grad,
-                    step, loss: Loss, epoch: int, check_loss: bool, previous: Array | None,
-                    params: Array, grad: Array) -> None:
-    """One epoch of optimiser steps the plain way (one call per step, not a bound program).
-
-    ``check_loss`` computes each step's loss and raises :class:`DivergenceError` naming the
-    previous epoch when it is not finite; ``previous``, if given, receives the parameters
-    before the epoch's last step (to report the size of that update relative to the
-    weights). Shared by :func:`fit` and the replica trainer.
-    """
-    last = n_batches - 1
-    for k, (xb, tb) in enumerate(batches):
-        if check_loss:
-            value = value_and_grad(xb, tb, loss, True)
-            if not np.isfinite(value):
-                raise DivergenceError(epoch - 1, f"loss became {value}")
-        else:
-            value_and_grad(xb, tb, loss, False)
-        if previous is not None and k == last:
-            previous[...] = params
-        step(params, grad)
-
-
-def _all_finite(params: Array) -> bool:
+def all_finite(params: Array) -> bool:
     """Whether every parameter is finite, in one reduction on the common path.
 
     A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves
@@ -527,114 +556,6 @@ def _all_finite(params: Array) -> bool:
     if np.isfinite(np.add.reduce(params)):
         return True
     return bool(np.all(np.isfinite(params)))
-
-
-class _BoundSteps:
-    """The fast path's epochs: each batch's whole step bound once as one list of calls.
-
-    The batches are fixed views of the per-epoch shuffled copy (:class:`_ShuffledViews`),
-    so each one's step, the model's calls and then the optimiser's, is bound once
-    (:meth:`MLP._train_program`, :meth:`Optimizer._program`) and an epoch only runs
-    them. Where the products fold the biases in and the optimiser treats every
-    parameter alike (a built-in one, no penalty), the steps run on a packed working
-    copy, ``P = params[packed_order(model)]``: each layer's ``[W_l; b_l]`` is then one
-    block the products read, and ``[dW_l; db_l]`` one block they write, saving the two
-    copies per layer and direction of packing and unpacking them every step (2.7 of
-    25 us on configuration 3). The optimiser's state is permuted alike while the copy
-    is in use; :meth:`sync` puts parameters, gradient and state back in the model's
-    order, before anything else looks at them.
-    """
-
-    def __init__(self, model: MLP, loss: Loss, optimizer: Optimizer,
-                 batches: _ShuffledViews) -> None:
-        self.batches = batches
-        self.model, self.optimizer = model, optimizer
-        sizes = {xb.shape[0] for xb, _ in batches.views}
-        self.packed = (
-            type(optimizer) in OPTIMIZERS.values() and optimizer._uniform
-            and all(model._workspace(n).fold for n in sizes)
-        )
-        self.in_use = False
-        self.params, self.grad = model.params, model.grad
-        if self.packed:
-            self.order = packed_order(model)
-            self.inverse = np.argsort(self.order)
-            self.params, self.grad = np.empty_like(model.params), np.empty_like(model.grad)
-        update = optimizer._program(self.params, self.grad)
-        packed = (self.params, self.grad) if self.packed else None
-        runs = {n: model._train_program(n, loss, update, packed) for n in sizes}
-        self.steps = [(runs[xb.shape[0]], xb, tb) for xb, tb in batches.views]
-
-    def epoch(self) -> None:
-        """Shuffle and run every batch's step once."""
-        if self.packed and not self.in_use:
-            np.take(self.model.params, self.order, out=self.params)
-            np.take(self.model.grad, self.order, out=self.grad)
-            self.optimizer._reorder(self.order)
-            self.in_use = True
-        self.batches()
-        for run, xb, tb in self.steps:
-            run(xb, tb)
-
-    @property
-    def current_params(self) -> Array:
-        """The parameters as the last step left them (in either order)."""
-        return self.params if self.in_use else self.model.params
-
-    def sync(self) -> None:
-        """Parameters, gradient and optimiser state back in the model's own order."""
-        if self.in_use:
-            np.take(self.params, self.inverse, out=self.model.params)
-            np.take(self.grad, self.inverse, out=self.model.grad)
-            self.optimizer._reorder(self.inverse)
-            self.in_use = False
-
-
-class _ShuffledViews:
-    """Batches of one epoch as views into one shuffled copy of the data.
-
-    Gathering the whole shuffled data set once per epoch (two ``take`` calls) and then
-    slicing contiguous batches costs far less than two gathers per step, and the batches
-    hold exactly the rows :func:`_shuffled_batches` would give for the same generator.
-    """
-
-    def __init__(self, X: Array, T: Array, batch: int, rng: np.random.Generator) -> None:
-        self.X, self.T, self.rng = X, T, rng
-        n = X.shape[0]
-        if batch >= n:
-            self.views = [(X, T)]
-            self.shuffle = False
-            return
-        self.shuffle = True
-        self.Xs = np.empty_like(X)
-        self.Ts = np.empty_like(T)
-        self.views = [
-            (self.Xs[i : i + batch], self.Ts[i : i + batch]) for i in range(0, n, batch)
-        ]
-
-    def __call__(self) -> list[tuple[Array, Array]]:
-        if self.shuffle:
-            order = self.rng.permutation(self.X.shape[0])
-            np.take(self.X, order, axis=0, out=self.Xs)
-            np.take(self.T, order, axis=0, out=self.Ts)
-        return self.views
-
-
-def _shuffled_batches(
-    X: Array, T: Array, rng: np.random.Generator, batch: int, Xb: Array, Tb: Array
-) -> Iterator[tuple[Array, Array]]:
-    """One epoch of shuffled batches; full-size ones are gathered into reused buffers."""
-    n = X.shape[0]
-    order = rng.permutation(n)
-    n_full = n // batch
-    for k in range(n_full):
-        idx = order[k * batch : (k + 1) * batch]
-        np.take(X, idx, axis=0, out=Xb)
-        np.take(T, idx, axis=0, out=Tb)
-        yield Xb, Tb
-    if n_full * batch < n:
-        idx = order[n_full * batch :]
-        yield X[idx], T[idx]
 
 
 def prepare_inputs(

@@ -13,17 +13,19 @@ collapses to ``delta = (a - T) / n`` (times a constant):
 Those pairs use the collapsed form, which is both cheaper and free of the
 ``a (1 - a)`` factor that underflows when a sigmoid saturates; every other pair goes
 through the output activation's backward rule.
+
+Only the math lives here; the fused in-place kernels of the fast path are in
+:mod:`pipeline.fast.kernels`, keyed by these names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
-from pipeline.engine.activations import Activation, Op, const, row_reduce, row_reduce_ops, softmax
+from pipeline.engine.activations import Activation, softmax
 
 Array = np.ndarray
 
@@ -50,17 +52,10 @@ class Loss:
         Output activations for which ``dL/dz == fused_delta(z, a, T)``.
     fused_delta : callable or None
         The collapsed gradient for the pairs in ``fused``.
-    fused_delta_into : callable or None
-        ``fused_delta_into(z, a, T, out)``: the same collapsed gradient written into a
-        preallocated ``out`` (the training hot path; see :meth:`delta_into`).
-    fused_delta_ops : callable or None
-        ``fused_delta_ops(z, a, T, out)``: the calls of ``fused_delta_into`` on these very
-        arrays, as a list of argument-free callables bound once (see
-        :meth:`delta_program`).
     terms : callable or None
         ``terms(z, a, T)``: the loss's terms per sample and output, whose sum over a
-        batch divided by its ``n`` is ``value``; any leading axes are kept, so that
-        :meth:`values` scores a stack of batches (replicas) at once.
+        batch divided by its ``n`` is ``value``; any leading axes are kept, so that a
+        stack of batches (replicas) can be scored at once.
     """
 
     name: str
@@ -71,58 +66,13 @@ class Loss:
     max_units: int | None = None
     fused: tuple[str, ...] = ()
     fused_delta: Callable[[Array, Array, Array], Array] | None = None
-    fused_delta_into: Callable[[Array, Array, Array, Array], None] | None = None
-    fused_delta_ops: Callable[[Array, Array, Array, Array], list[Op]] | None = None
     terms: Callable[[Array, Array, Array], Array] | None = None
-
-    #: Most values :meth:`values` puts through :attr:`terms` in one go: a larger stack's
-    #: temporaries cost more (fresh memory, cache misses) than the calls they save (8
-    #: replicas x 10,000 samples x 4 classes: 0.8 ms a batch at a time, 2.5 ms at once).
-    STACK_VALUES = 2**16
-
-    @classmethod
-    def stack_group(cls, batch_values: int) -> int:
-        """How many batches of ``batch_values`` values each :meth:`values` takes at once."""
-        return max(1, cls.STACK_VALUES // max(batch_values, 1))
-
-    def values(self, z: Array, a: Array, T: Array) -> Array:
-        """The mean loss of each batch of a stack: ``z`` and ``a`` of shape ``(..., n, c)``,
-        the targets ``T`` ``(n, c)`` shared by all; returns an array of shape ``(...)``."""
-        lead, (n, c) = z.shape[:-2], z.shape[-2:]
-        if self.terms is None:
-            out = np.empty(lead)
-            for index in np.ndindex(*lead):
-                out[index] = self.value(z[index], a[index], T)
-            return out
-        z, a = z.reshape(-1, n, c), a.reshape(-1, n, c)
-        out = np.empty(z.shape[0], dtype=np.result_type(z, T))
-        step = self.stack_group(n * c)
-        for start in range(0, z.shape[0], step):
-            part = slice(start, start + step)
-            out[part] = np.sum(self.terms(z[part], a[part], T), axis=(-2, -1)) / n
-        return out.reshape(lead)
 
     def delta(self, z: Array, a: Array, T: Array, output: Activation) -> Array:
         """Gradient of the mean loss with respect to the output pre-activation ``z``."""
         if output.name in self.fused and self.fused_delta is not None:
             return self.fused_delta(z, a, T)
         return output.backward(z, a, self.grad_output(z, a, T))
-
-    def delta_into(self, z: Array, a: Array, T: Array, output: Activation, out: Array) -> None:
-        """:meth:`delta` written into the preallocated ``out`` (same shape as ``z``)."""
-        if output.name in self.fused and self.fused_delta_into is not None:
-            self.fused_delta_into(z, a, T, out)
-        else:
-            np.copyto(out, self.delta(z, a, T, output))
-
-    def delta_program(
-        self, z: Array, a: Array, T: Array, output: Activation, out: Array
-    ) -> list[Op]:
-        """:meth:`delta_into` on these arrays as argument-free calls, bound once (the
-        training step's program, see :meth:`Activation.forward_program`)."""
-        if output.name in self.fused and self.fused_delta_ops is not None:
-            return self.fused_delta_ops(z, a, T, out)
-        return [partial(self.delta_into, z, a, T, output, out)]
 
     def check_output(self, output: str, n_units: int) -> None:
         """Raise ValueError if this loss is not defined on ``n_units`` of ``output``."""
@@ -188,18 +138,6 @@ def _residual_over_n(z: Array, a: Array, T: Array) -> Array:
     return (a - T) / a.shape[0]
 
 
-# Division, not multiplication by 1/n, so the numbers equal _residual_over_n's; n as a 0-d
-# array of the dtype (cheaper than the Python int, the same number).
-def _residual_over_n_into(z: Array, a: Array, T: Array, out: Array) -> None:
-    np.subtract(a, T, out)
-    np.divide(out, const(a.shape[0], out.dtype), out)
-
-
-def _residual_over_n_ops(z: Array, a: Array, T: Array, out: Array) -> list[Op]:
-    n = const(a.shape[0], out.dtype)
-    return [partial(np.subtract, a, T, out), partial(np.divide, out, n, out)]
-
-
 # -------------------------------------------------------------- softmax cross-entropy
 
 
@@ -217,19 +155,6 @@ def _ce_delta(z: Array, a: Array, T: Array) -> Array:
     # d/dz of -sum_j t_j log softmax_j(z) is a * sum_j t_j - t; for one-hot (or any
     # probability-vector) targets the row sums are 1 and this is the familiar a - t.
     return (a * T.sum(axis=1, keepdims=True) - T) / a.shape[0]
-
-
-def _ce_delta_into(z: Array, a: Array, T: Array, out: Array) -> None:
-    np.multiply(a, row_reduce(np.add, T), out)
-    np.subtract(out, T, out)
-    np.divide(out, const(a.shape[0], out.dtype), out)
-
-
-def _ce_delta_ops(z: Array, a: Array, T: Array, out: Array) -> list[Op]:
-    rows = np.empty((T.shape[0], 1), dtype=out.dtype)  # the targets' row sums
-    n = const(a.shape[0], out.dtype)
-    return [*row_reduce_ops(np.add, T, rows), partial(np.multiply, a, rows, out),
-            partial(np.subtract, out, T, out), partial(np.divide, out, n, out)]
 
 
 def _ce_grad(z: Array, a: Array, T: Array) -> Array:
@@ -266,18 +191,15 @@ LOSSES: dict[str, Loss] = {
     "mse": Loss("mse", _mse_value, _mse_grad),
     "half_sse": Loss(
         "half_sse", _half_sse_value, _half_sse_grad, fused=("identity",),
-        fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
-        fused_delta_ops=_residual_over_n_ops,
+        fused_delta=_residual_over_n,
     ),
     "bce": Loss(
         "bce", _bce_value, _bce_grad, outputs=("sigmoid",), fused=("sigmoid",),
-        fused_delta=_residual_over_n, fused_delta_into=_residual_over_n_into,
-        fused_delta_ops=_residual_over_n_ops, terms=_bce_terms,
+        fused_delta=_residual_over_n, terms=_bce_terms,
     ),
     "cross_entropy": Loss(
         "cross_entropy", _ce_value, _ce_grad, outputs=("softmax",), min_units=2,
-        fused=("softmax",), fused_delta=_ce_delta, fused_delta_into=_ce_delta_into,
-        fused_delta_ops=_ce_delta_ops, terms=_ce_terms,
+        fused=("softmax",), fused_delta=_ce_delta, terms=_ce_terms,
     ),
     "hinge": Loss("hinge", _hinge_value, _hinge_grad, outputs=("identity", "tanh")),
 }

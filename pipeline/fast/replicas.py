@@ -37,43 +37,29 @@ floating-point rounding of the stacked products.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
-from pipeline.engine.activations import const
 from pipeline.engine.loop import (
-    _OPTIMIZER_STEP,
     SATURATION_THRESHOLD,
-    Callback,
     DivergenceError,
-    EarlyStopping,
     History,
-    _all_finite,
-    _logit_loss,
-    _positive_int,
-    _resolve_threads,
-    _ShuffledViews,
-    blas_threads,
-    prepare_inputs,
-    run_callbacks,
-    run_epoch_steps,
+    Stepper,
+    all_finite,
 )
-from pipeline.engine.losses import (
-    Loss,
-    _ce_delta_into,
-    _residual_over_n_into,
-    get_loss,
-    scores_to_proba,
-)
-from pipeline.engine.mlp import MLP, _arena, _assign
-from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_optimizer, make_schedule
+from pipeline.engine.losses import Loss, scores_to_proba
+from pipeline.engine.mlp import MLP
+from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_schedule
+from pipeline.fast.compile import DEFINED_STEP, ShuffledViews
+from pipeline.fast.kernels import backward_program, const, forward_program, fused_delta_kind
+from pipeline.fast.workspace import arena, assign
 
 Array = np.ndarray
 
-__all__ = ["ReplicaHistory", "ReplicaMLP", "fit_replicas", "replicas_from_config"]
+__all__ = ["ReplicaHistory", "ReplicaMLP", "ReplicaStepper", "replicas_from_config"]
 
 # Hidden activations whose forward program may run in place (``z`` is ``out``) and whose
 # backward rule reads only the output: their layer keeps no separate pre-activation.
@@ -116,7 +102,11 @@ class ReplicaMLP:
         activation_params: dict | None = None,
         loss: str | None = None,
     ) -> None:
-        K = _positive_int("n_replicas", n_replicas)
+        if isinstance(n_replicas, bool) or not isinstance(n_replicas, (int, np.integer)) or (
+            n_replicas < 1
+        ):
+            raise ValueError(f"n_replicas={n_replicas!r}: must be an integer >= 1")
+        K = int(n_replicas)
         models = [
             MLP(sizes, activation=activation, output=output, bias=bias, init=init,
                 seed=seed + k, dtype=dtype, activation_params=activation_params, loss=loss)
@@ -315,6 +305,20 @@ class ReplicaMLP:
         """X as a C-contiguous array of the replicas' dtype, or ValueError."""
         return self._prototype().check_input(X)
 
+    def encode_targets(self, y: Array, n_samples: int | None = None) -> Array:
+        """Labels or targets as an ``(n_samples, n_outputs)`` matrix (see MLP's)."""
+        return self._prototype().encode_targets(y, n_samples)
+
+    def set_params(self, flat: Array) -> None:
+        """Copy a stacked parameter vector (the layout of ``params``) into the replicas."""
+        flat = np.asarray(flat)
+        if flat.shape != self.params.shape:
+            raise ValueError(
+                f"parameter vector has shape {flat.shape}; these replicas need "
+                f"{self.params.shape}"
+            )
+        self.params[...] = flat
+
     # Rows per block of an evaluation pass: K * rows * width values per buffer stay in
     # the cache (10,000 rows, K=8, forward passes only: configuration 3 5.6 -> 3.4 ms,
     # 5 17.7 -> 12.1 ms, measured with blocks of 256 to 10,000 rows).
@@ -459,7 +463,7 @@ class _ReplicaWorkspace:
         shapes = [w + extra for w in widths[:-1]]
         shapes += [widths[i] for i in range(L) if not in_place[i]]
         shapes += [] if out_identity else [widths[-1]]
-        bufs = [b.T.reshape(b.shape[1], K, n) for b in _arena(self, K * n, shapes, dt)]
+        bufs = [b.T.reshape(b.shape[1], K, n) for b in arena(self, K * n, shapes, dt)]
         # The shared input [X, 1] row-major for the weight gradient of layer 1, and
         # units-major (its transpose, C-ordered) for the forward product, which reads it
         # 1.3-1.5x faster than the transposed view (see train_program).
@@ -495,7 +499,7 @@ class _ReplicaWorkspace:
                 ops.append(partial(np.matmul, self.blocks[i].transpose(0, 2, 1),
                                    self.Ain[i].transpose(1, 0, 2), Z.transpose(1, 0, 2)))
             if act.name != "identity":
-                ops += act.forward_program(_cols(Z), _cols(self.A[i + 1]))
+                ops += forward_program(act, _cols(Z), _cols(self.A[i + 1]))
         return ops
 
     def _grad_buffers(self) -> None:
@@ -508,7 +512,7 @@ class _ReplicaWorkspace:
         # that the output gradient's calls run on contiguous memory.
         padded = len(widths) > 1 and widths[-1] == 1
         shapes = [*(widths[:-1] if padded else widths), max(ruled, default=1)]
-        bufs = _arena(self, K * n, shapes, self.dtype)
+        bufs = arena(self, K * n, shapes, self.dtype)
         self.G = [b.T.reshape(b.shape[1], K, n) for b in bufs[:-1]]
         self.scratch = bufs[-1].reshape(-1, order="F")
         self.G_padded = None
@@ -537,7 +541,7 @@ class _ReplicaWorkspace:
                 ops.append(partial(np.matmul, W, G.transpose(1, 0, 2), G_prev.transpose(1, 0, 2)))
             elif i == len(sizes) - 2:
                 W_padded = np.zeros((K, fi, 2), dtype=self.dtype)
-                ops += [_assign(W_padded[:, :, 0], W[:, :, 0]),
+                ops += [assign(W_padded[:, :, 0], W[:, :, 0]),
                         partial(np.matmul, W_padded, self.G_padded.transpose(1, 0, 2),
                                 G_prev.transpose(1, 0, 2))]
             else:
@@ -545,8 +549,8 @@ class _ReplicaWorkspace:
             act = acts[i - 1]
             if act.name != "identity":
                 S = self.scratch[: fi * K * n].reshape((K * n, fi), order="F")
-                ops += act.backward_program(_cols(self.Z[i - 1]), _cols(self.A[i]),
-                                            _cols(G_prev), S)
+                ops += backward_program(act, _cols(self.Z[i - 1]), _cols(self.A[i]),
+                                        _cols(G_prev), S)
         return ops
 
     def _delta_ops(self, loss: Loss, T: Array) -> list:
@@ -558,11 +562,11 @@ class _ReplicaWorkspace:
         Z, A, G, t = self.Z[-1], self.A[-1], self.G[-1], T.T
         T3 = t[:, None, :]  # broadcast over the replicas
         n = const(self.n, self.dtype)
-        fused = out.name in loss.fused and loss.fused_delta_into is not None
-        # The single network's fused deltas (losses.py), in the same order of operations.
-        if fused and loss.fused_delta_into is _residual_over_n_into:
+        kind = fused_delta_kind(loss, out)
+        # The single network's fused deltas (kernels.py), in the same order of operations.
+        if kind == "residual_over_n":
             return [partial(np.subtract, A, T3, G), partial(np.divide, G, n, G)]
-        if fused and loss.fused_delta_into is _ce_delta_into:
+        if kind == "cross_entropy":
             rows = self.rows
             sums = [partial(np.add, t[0], t[1], rows)] + [
                 partial(np.add, rows, t[j], rows) for j in range(2, t.shape[0])]
@@ -609,7 +613,8 @@ class _ReplicaWorkspace:
         return self.A[-1][:, k, :].T
 
     def train_program(self, Xa: Array, XaT: Array, T: Array, loss: Loss, update: list,
-                      pack: list, unpack: list) -> Callable[[], None]:
+                      pack: list, unpack: list, observe: Callable[[], object] | None = None,
+                      ) -> Callable[[], None]:
         """One training step on a batch as a call running one list of bound calls.
 
         The batch is fixed arrays (views of the epoch's shuffled copies, see
@@ -620,7 +625,8 @@ class _ReplicaWorkspace:
         from ``Xa.T``; 3.2 instead of 5.7 on 1,000 rows of configuration 2). ``pack``
         fills ``model._P`` before the forward pass and ``unpack`` reads ``model._dP``
         after the backward pass (both empty when the optimiser steps on the packed copy
-        itself); ``update`` is the optimiser's program.
+        itself); ``update`` is the optimiser's program. ``observe``, if given, is called
+        between the forward and the backward pass.
         """
         # Only the first and last products and the output gradient depend on the batch:
         # the rest is bound once per workspace (binding 157 steps afresh took 5 ms).
@@ -629,7 +635,8 @@ class _ReplicaWorkspace:
             self._middle = (forward[1:], backward[:-1])
         forward, backward = self._middle
         ops = [*pack, partial(np.dot, self.blocks[0], XaT, self.Z[0].reshape(-1, self.n)),
-               *forward, *self._delta_ops(loss, T), *backward,
+               *forward, *([] if observe is None else [observe]), *self._delta_ops(loss, T),
+               *backward,
                partial(np.dot, self.G[0].reshape(-1, self.n), Xa, self.grad_blocks[0]),
                *unpack, *update]
 
@@ -664,24 +671,72 @@ class ReplicaHistory(History):
                 for k, h in enumerate(self.replicas)]
 
 
-class _BoundReplicaSteps:
-    """The replicas' epochs as bound step programs, as :class:`pipeline.engine.loop._BoundSteps`.
+class _ReplicaRecord:
+    """The replicas' outputs (and hidden values) of one epoch's forward passes, as
+    :class:`pipeline.engine.loop.OutputRecord` keeps them for one network: units-major,
+    ``(width, K, n)``."""
+
+    def __init__(self, model: ReplicaMLP, n: int, hidden: bool) -> None:
+        K, dt = model.n_replicas, model.dtype
+        self.z = np.empty((model.n_outputs, K, n), dtype=dt)
+        self.a = np.empty_like(self.z)
+        widths = model.sizes[1:-1] if hidden else []
+        self.hidden = [np.empty((w, K, n), dtype=dt) for w in widths]
+
+    def add(self, start: int, z: Array, a: Array, hidden: Sequence[Array] = ()) -> None:
+        stop = start + z.shape[2]
+        self.z[:, :, start:stop] = z
+        self.a[:, :, start:stop] = a
+        for kept, values in zip(self.hidden, hidden, strict=False):
+            kept[:, :, start:stop] = values
+
+
+class ReplicaStepper(Stepper):
+    """The steps of every replica of a :class:`ReplicaMLP` at once, for
+    :func:`pipeline.engine.loop.fit`.
 
     Each batch's step is one list of bound calls (:meth:`_ReplicaWorkspace.
-    train_program`) ending with the optimiser's (:meth:`Optimizer._program`). A built-in
-    optimiser without penalties updates every parameter alike, so it steps on the packed
-    copy ``model._P`` and its gradient ``model._dP`` directly, with its state (and a
-    per-parameter learning rate) permuted alike while the copy is in use; :meth:`sync`
-    puts everything back in the model's order. Any other optimiser steps on ``params``
-    and ``grad``, packed and unpacked around the products every step (two ``take``
-    calls).
+    train_program`) ending with the optimiser's. A built-in optimiser without penalties
+    updates every parameter alike, so it steps on the packed copy ``model._P`` and its
+    gradient ``model._dP`` directly, with its state (and a per-parameter learning rate)
+    permuted alike while the copy is in use; :meth:`sync` puts everything back in the
+    model's order. Any other optimiser steps on ``params`` and ``grad``, packed and
+    unpacked around the products every step (two ``take`` calls).
+
+    The metrics are arrays of one value per replica; :meth:`record` keeps each
+    replica's own history and hands callbacks their mean and spread.
+
+    Parameters
+    ----------
+    learning_rates : sequence of float, optional
+        One base learning rate per replica (each follows the optimiser's schedule);
+        default: the optimiser's ``lr`` for all.
     """
 
-    def __init__(self, model: ReplicaMLP, loss: Loss, optimizer: Optimizer,
-                 batches: _ShuffledInputs, per_parameter_lr: bool) -> None:
-        self.model, self.optimizer, self.batches = model, optimizer, batches
-        self.packed = type(optimizer) in OPTIMIZERS.values() and optimizer._uniform
+    def __init__(self, model: ReplicaMLP, loss: Loss, optimizer: Optimizer, batch_size: int,
+                 learning_rates: Sequence[float] | None = None) -> None:
+        super().__init__(model, loss, optimizer, batch_size)
+        K = model.n_replicas
+        self.schedules = None
+        if learning_rates is not None:
+            rates = list(learning_rates)
+            if len(rates) != K:
+                raise ValueError(
+                    f"learning_rates: {len(rates)} given for {K} replicas; give one per replica"
+                )
+            self.schedules = [make_schedule(optimizer.schedule, lr, **optimizer.schedule_params)
+                              for lr in rates]
+        self.data: Array | None = None
         self.in_use = False
+        self.records: dict[bool, _ReplicaRecord] = {}
+        self.start = 0
+
+    def _bind(self, X: Array, T: Array, labels: Array) -> None:
+        model, optimizer = self.model, self.optimizer
+        self.batches = _ShuffledInputs(model._augment(X), T, labels, self.batch_size)
+        own_step = type(optimizer).step is not DEFINED_STEP
+        self.packed = (not own_step and type(optimizer) in OPTIMIZERS.values()
+                       and optimizer._uniform)
         params, grad = (model._P, model._dP) if self.packed else (model.params, model.grad)
         pack, unpack = [], []
         if not self.packed:
@@ -689,13 +744,40 @@ class _BoundReplicaSteps:
             unpack = [partial(np.take, model._dP, model._inverse, None, model.grad, "clip")]
         # A bound Adam program holds a scalar step size: a per-parameter learning rate
         # goes through the step method, which handles both.
-        update = ([partial(optimizer._step, params, grad)] if per_parameter_lr
-                  else optimizer._program(params, grad))
-        self.steps = [
-            model._workspace(xb.shape[0]).train_program(xb, xbT, tb, loss, update, pack,
-                                                        unpack)
-            for (xb, tb), xbT in zip(batches.views, batches.views_T, strict=True)
-        ]
+        if own_step:
+            update = [partial(optimizer.step, params, grad)]
+        elif self.schedules is not None:
+            update = [partial(optimizer._step, params, grad)]
+        else:
+            update = optimizer._program(params, grad)
+        self.steps = {
+            observed: [
+                (start, model._workspace(xb.shape[0]).train_program(
+                    xb, xbT, tb, self.loss, update, pack, unpack,
+                    partial(self._observe, model._workspace(xb.shape[0])) if observed
+                    else None))
+                for (start, xb, tb), xbT in zip(self.batches.views, self.batches.views_T,
+                                                strict=True)]
+            for observed in (False, True)
+        }
+        self.data = X
+
+    def _observe(self, ws: _ReplicaWorkspace) -> None:
+        hidden = ws.A[1:-1] if self.recording.hidden else ()
+        self.recording.add(self.start, ws.Z[-1], ws.A[-1], hidden)
+
+    def set_epoch(self, epoch: int) -> None:
+        optimizer, model = self.optimizer, self.model
+        optimizer.set_epoch(epoch)
+        if self.schedules is not None:
+            self.lrs = np.array([s(epoch) for s in self.schedules])
+            optimizer.current_lr = self.lrs.astype(model.dtype)[self.replica_of]
+        else:
+            self.lrs = np.full(model.n_replicas, optimizer.current_lr)
+
+    @property
+    def current_lr(self) -> Array:
+        return np.asarray(self.lrs, dtype=np.float64)
 
     @property
     def replica_of(self) -> Array:
@@ -704,29 +786,38 @@ class _BoundReplicaSteps:
         return m.replica_of[m._order] if self.in_use else m.replica_of
 
     @property
-    def current_params(self) -> Array:
+    def params(self) -> Array:
         return self.model._P if self.in_use else self.model.params
 
-    def epoch(self, previous: Array | None = None) -> None:
-        """Shuffle and run every batch's step once; with ``previous``, first copy into it
-        the parameters (in the model's order) as they are before the last step."""
+    def epoch(self, X: Array, T: Array, labels: Array, order: Array | None, *,
+              track: bool = False, hidden: bool = False,
+              previous: Array | None = None) -> None:
+        if X is not self.data:
+            self._bind(X, T, labels)
+        m = self.model
         if self.packed and not self.in_use:
-            self._permute(self.model._order)
-            np.take(self.model.params, self.model._order, out=self.model._P, mode="clip")
+            self._permute(m._order)
+            np.take(m.params, m._order, out=m._P, mode="clip")
             self.in_use = True
-        self.batches()
-        steps = self.steps if previous is None else self.steps[:-1]
-        for run in steps:
+        self.batches.shuffle(order)
+        if track:
+            self.recording = self.records.get(hidden)
+            if self.recording is None:
+                self.recording = self.records[hidden] = _ReplicaRecord(m, X.shape[0], hidden)
+        steps = self.steps[track]
+        last = len(steps) - 1
+        for k, (start, run) in enumerate(steps):
+            if previous is not None and k == last:
+                if self.in_use:
+                    np.take(m._P, m._inverse, out=previous, mode="clip")
+                else:
+                    previous[...] = m.params
+            self.start = start
             run()
-        if previous is not None:
-            if self.in_use:
-                np.take(self.model._P, self.model._inverse, out=previous, mode="clip")
-            else:
-                previous[...] = self.model.params
-            self.steps[-1]()
+        if track:
+            self.last = (self.recording, *self.batches.epoch_targets())
 
     def sync(self) -> None:
-        """Parameters, gradient and optimiser state back in the model's order."""
         if self.in_use:
             m = self.model
             np.take(m._P, m._inverse, out=m.params, mode="clip")
@@ -740,198 +831,72 @@ class _BoundReplicaSteps:
         if isinstance(opt.current_lr, np.ndarray):
             opt.current_lr = opt.current_lr[order]
 
+    def train_loss(self) -> float:
+        record, T, labels = self.last
+        return float(np.mean(_scores(self.model, self.loss, record.z, record.a, T, labels)[0]))
 
-class _ShuffledInputs(_ShuffledViews):
-    """:class:`pipeline.engine.loop._ShuffledViews` of ``[X, 1]`` (the same rows for the same
-    generator), with a units-major copy alongside: ``views_T[i]`` is ``views[i][0].T``
+    def train_metrics(self) -> dict[str, Array]:
+        record, T, labels = self.last
+        out: dict[str, Array] = {}
+        out["train/loss"], out["train/accuracy"] = _scores(self.model, self.loss, record.z,
+                                                           record.a, T, labels)
+        if record.hidden:
+            fractions = _UnitFractions(self.model)
+            fractions.add([None, *record.hidden, record.a])
+            out.update(fractions.result())
+        return out
+
+    def evaluate(self, X: Array, T: Array, labels: Array) -> tuple[Array, Array]:
+        return _evaluate(self.model, X, T, labels, self.loss)
+
+    def diagnostics(self, previous: Array) -> dict[str, Array]:
+        model, out = self.model, {}
+        norms = zip(_layer_norms(model, model.grad), _layer_norms(model, model.params - previous),
+                    _layer_norms(model, model.params), strict=True)
+        for i, (g, u, w) in enumerate(norms, start=1):
+            out[f"grad_norm/layer_{i}"] = g
+            out[f"update_ratio/layer_{i}"] = np.where(w > 0, u / np.where(w > 0, w, 1.0), 0.0)
+        return out
+
+    def check_params(self, epoch: int) -> None:
+        if not all_finite(self.params):
+            self.sync()
+            bad = np.unique(self.model.replica_of[~np.isfinite(self.model.params)])
+            raise DivergenceError(
+                epoch, f"parameters of replica(s) {bad.tolist()} became non-finite"
+            )
+
+    def check_metrics(self, epoch: int, metrics: dict) -> None:
+        losses = metrics["train/loss"]
+        bad = [k for k in range(self.model.n_replicas) if not np.isfinite(losses[k])]
+        if bad:
+            raise DivergenceError(epoch, f"loss of replica(s) {bad} became non-finite")
+
+    def new_history(self) -> ReplicaHistory:
+        return ReplicaHistory(replicas=[History() for _ in range(self.model.n_replicas)])
+
+    def record(self, history: ReplicaHistory, epoch: int, metrics: dict) -> dict[str, float]:
+        return _record_replica_metrics(history, epoch, metrics)
+
+
+class _ShuffledInputs(ShuffledViews):
+    """:class:`pipeline.fast.compile.ShuffledViews` of ``[X, 1]`` (the same rows for the
+    same order), with a units-major copy alongside: ``views_T[i]`` is ``views[i][1].T``
     as a view of one C-ordered ``(fan_in + 1, n)`` array, gathered by the same shuffle."""
 
-    def __init__(self, Xa: Array, T: Array, batch: int, rng: np.random.Generator) -> None:
-        super().__init__(Xa, T, batch, rng)
+    def __init__(self, Xa: Array, T: Array, labels: Array, batch: int) -> None:
+        super().__init__(Xa, T, labels, batch)
         self.XT = np.ascontiguousarray(Xa.T)
-        self.XsT = np.empty_like(self.XT) if self.shuffle else self.XT
+        self.XsT = np.empty_like(self.XT) if self.shuffled else self.XT
         n = Xa.shape[0]
         self.views_T = [self.XsT[:, i : i + batch] for i in range(0, n, batch)]
-        if not self.shuffle:
+        if not self.shuffled:
             self.views_T = [self.XT]
 
-    def __call__(self) -> list[tuple[Array, Array]]:
-        if self.shuffle:
-            order = self.rng.permutation(self.X.shape[0])
-            np.take(self.X, order, axis=0, out=self.Xs)
+    def shuffle(self, order: Array | None) -> None:
+        super().shuffle(order)
+        if order is not None:
             np.take(self.XT, order, axis=1, out=self.XsT, mode="clip")
-            np.take(self.T, order, axis=0, out=self.Ts)
-        return self.views
-
-
-def fit_replicas(
-    model: ReplicaMLP,
-    X: Array,
-    y: Array,
-    *,
-    loss: str | Loss,
-    optimizer: Optimizer | str,
-    epochs: int,
-    batch_size: int | None = None,
-    seed: int = 0,
-    learning_rates: Sequence[float] | None = None,
-    X_val: Array | None = None,
-    y_val: Array | None = None,
-    callbacks: Iterable[Callback] = (),
-    eval_every: int = 1,
-    patience: int | None = None,
-    restore_best: bool = True,
-    diagnostics: bool = True,
-    threads: int | str | None = "auto",
-) -> ReplicaHistory:
-    """Train every replica of ``model`` in place, in one vectorised pass per batch.
-
-    Takes :func:`pipeline.engine.loop.fit`'s arguments, with these differences:
-
-    Parameters
-    ----------
-    model : ReplicaMLP
-    seed : int
-        Seeds the batch order, shared by all replicas (the replicas differ by their
-        initial weights): replica ``k`` follows ``fit(MLP(..., seed=model.seeds[k]), ...,
-        seed=seed)``.
-    learning_rates : sequence of float, optional
-        One base learning rate per replica (each follows the optimiser's schedule);
-        default: the optimiser's ``lr`` for all.
-    patience : int, optional
-        Early stopping on the mean validation loss across replicas.
-
-    Returns
-    -------
-    ReplicaHistory
-        Mean and spread of every metric, plus each replica's own history. Callbacks get
-        the same dict as ``history.metrics`` rows: means under fit()'s keys, spreads
-        under ``key + "/std"``.
-    """
-    loss = get_loss(loss)
-    loss.check_output(model.output_activation.name, model.n_outputs)
-    if isinstance(optimizer, str):
-        optimizer = make_optimizer(optimizer)
-    epochs = _positive_int("epochs", epochs)
-    eval_every = _positive_int("eval_every", eval_every)
-    if patience is not None:
-        patience = _positive_int("patience", patience)
-    K = model.n_replicas
-    schedules = None
-    if learning_rates is not None:
-        rates = list(learning_rates)
-        if len(rates) != K:
-            raise ValueError(
-                f"learning_rates: {len(rates)} given for {K} replicas; give one per replica"
-            )
-        schedules = [
-            make_schedule(optimizer.schedule, lr, **optimizer.schedule_params) for lr in rates
-        ]
-
-    proto = model._prototype()
-    X, T, labels, batch, val = prepare_inputs(proto, X, y, batch_size, X_val, y_val, patience)
-    n = X.shape[0]
-    has_val = val is not None
-    if has_val:
-        X_val, T_val, labels_val = val
-
-    callbacks = list(callbacks)
-    optimizer.bind(model.params.size, model.n_weight_params, model.dtype)
-    rng = np.random.default_rng(seed)
-    history = ReplicaHistory(replicas=[History() for _ in range(K)])
-    early = EarlyStopping(patience, restore_best)
-    n_batches = -(-n // batch)
-    previous = np.empty_like(model.params) if diagnostics else None
-    # The batches are views of shuffled copies of [X, 1], which the products read.
-    epoch_batches = _ShuffledInputs(model._augment(X), T, batch, rng)
-    params, grad = model.params, model.grad
-    value_and_grad = model._value_and_grad
-    bound = None
-    if type(optimizer).step is _OPTIMIZER_STEP:
-        bound = _BoundReplicaSteps(model, loss, optimizer, epoch_batches, schedules is not None)
-    # Thread choice as for one network whose layers are K times wider.
-    widths = [model.sizes[0]] + [K * w for w in model.sizes[1:]]
-    # As in fit(): with full batches the loss of an unevaluated epoch comes nearly free
-    # with the next step, so divergence is dated the same whatever eval_every.
-    check_unevaluated = batch == n and eval_every > 1 and not _logit_loss(loss)
-    evaluated_last = True
-    with blas_threads(_resolve_threads(threads, batch, widths)):
-        try:
-            for epoch in range(1, epochs + 1):
-                optimizer.set_epoch(epoch)
-                if schedules is not None:
-                    lrs = np.array([s(epoch) for s in schedules]).astype(model.dtype)
-                    order = model.replica_of if bound is None else bound.replica_of
-                    optimizer.current_lr = lrs[order]
-                evaluate_now = epoch % eval_every == 0 or epoch == epochs
-                keep_previous = evaluate_now and diagnostics
-                check_loss = check_unevaluated and not evaluated_last
-                evaluated_last = evaluate_now
-                if bound is not None and not check_loss:
-                    # Kept to report the size of the epoch's last update relative to the
-                    # weights.
-                    bound.epoch(previous if keep_previous else None)
-                else:
-                    if bound is not None:
-                        bound.sync()
-                    run_epoch_steps(epoch_batches(), n_batches, value_and_grad,
-                                    optimizer.step, loss, epoch, check_loss,
-                                    previous if keep_previous else None, params, grad)
-                if not _all_finite(params if bound is None else bound.current_params):
-                    if bound is not None:
-                        bound.sync()
-                    bad = np.unique(model.replica_of[~np.isfinite(params)])
-                    raise DivergenceError(
-                        epoch, f"parameters of replica(s) {bad.tolist()} became non-finite"
-                    )
-                if not evaluate_now:
-                    continue
-                if bound is not None:
-                    bound.sync()
-
-                if schedules is not None:
-                    lrs = np.array([s(epoch) for s in schedules])
-                else:
-                    lrs = np.full(K, optimizer.current_lr)
-                per = _replica_metrics(model, X, T, labels, loss, lrs, diagnostics, previous,
-                                       (X_val, T_val, labels_val) if has_val else None)
-                bad = [k for k in range(K) if not np.isfinite(per["train/loss"][k])]
-                if bad:
-                    raise DivergenceError(epoch, f"loss of replica(s) {bad} became non-finite")
-                summary = _record_replica_metrics(history, epoch, per)
-
-                stop = has_val and early.update(epoch, summary["test/loss"], params, history)
-                stop = run_callbacks(callbacks, epoch, summary) or stop
-                if stop and epoch < epochs:
-                    history.stopped_early = True
-                    break
-        finally:
-            if bound is not None:
-                bound.sync()  # params, grad and the optimiser's state back in order
-
-    if early.best_params is not None:
-        params[...] = early.best_params
-    return history
-
-
-def _replica_metrics(model, X, T, labels, loss, lrs, diagnostics, previous, val):
-    """fit()'s metrics for every replica: ``{key: array of K values}``."""
-    per: dict[str, Array] = {}
-    fractions = _UnitFractions(model) if diagnostics else None
-    per["train/loss"], per["train/accuracy"] = _evaluate(model, X, T, labels, loss, fractions)
-    if val is not None:
-        per["test/loss"], per["test/accuracy"] = _evaluate(model, *val, loss, None)
-    per["lr"] = np.asarray(lrs, dtype=np.float64)
-    if diagnostics:
-        grad_norms = _layer_norms(model, model.grad)
-        update_norms = _layer_norms(model, model.params - previous)
-        weight_norms = _layer_norms(model, model.params)
-        for i, (g, u, w) in enumerate(zip(grad_norms, update_norms, weight_norms,
-                                          strict=True), start=1):
-            per[f"grad_norm/layer_{i}"] = g
-            per[f"update_ratio/layer_{i}"] = np.where(w > 0, u / np.where(w > 0, w, 1.0), 0.0)
-        per.update(fractions.result())
-    return per
 
 
 def _record_replica_metrics(history: ReplicaHistory, epoch: int,
@@ -951,16 +916,51 @@ def _record_replica_metrics(history: ReplicaHistory, epoch: int,
     return summary
 
 
-def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array, loss: Loss,
-              fractions: _UnitFractions | None) -> tuple[Array, Array]:
+def _evaluate(model: ReplicaMLP, X: Array, T: Array, labels: Array,
+              loss: Loss) -> tuple[Array, Array]:
     """Each replica's mean loss and accuracy on checked data, ``(K,)`` each."""
-    Z, A = model._outputs(X, fractions)
-    K, (c, n) = model.n_replicas, (A.shape[0], X.shape[0])
-    losses = loss.values(Z.transpose(1, 2, 0), A.transpose(1, 2, 0), T)
+    Z, A = model._outputs(X)
+    return _scores(model, loss, Z, A, T, labels)
+
+
+# Most values _stacked_values puts through Loss.terms in one go: a larger stack's
+# temporaries cost more (fresh memory, cache misses) than the calls they save (8
+# replicas x 10,000 samples x 4 classes: 0.8 ms a batch at a time, 2.5 ms at once).
+STACK_VALUES = 2**16
+
+
+def _stack_group(batch_values: int) -> int:
+    """How many batches of ``batch_values`` values each go through at once."""
+    return max(1, STACK_VALUES // max(batch_values, 1))
+
+
+def _stacked_values(loss: Loss, z: Array, a: Array, T: Array) -> Array:
+    """The mean loss of each batch of a stack: ``z`` and ``a`` of shape ``(..., n, c)``,
+    the targets ``T`` ``(n, c)`` shared by all; returns an array of shape ``(...)``."""
+    lead, (n, c) = z.shape[:-2], z.shape[-2:]
+    if loss.terms is None:
+        out = np.empty(lead)
+        for index in np.ndindex(*lead):
+            out[index] = loss.value(z[index], a[index], T)
+        return out
+    z, a = z.reshape(-1, n, c), a.reshape(-1, n, c)
+    out = np.empty(z.shape[0], dtype=np.result_type(z, T))
+    step = _stack_group(n * c)
+    for start in range(0, z.shape[0], step):
+        part = slice(start, start + step)
+        out[part] = np.sum(loss.terms(z[part], a[part], T), axis=(-2, -1)) / n
+    return out.reshape(lead)
+
+
+def _scores(model: ReplicaMLP, loss: Loss, Z: Array, A: Array, T: Array,
+            labels: Array) -> tuple[Array, Array]:
+    """Each replica's mean loss and accuracy from its outputs ``(c, K, n)``."""
+    K, (c, n) = model.n_replicas, (A.shape[0], A.shape[2])
+    losses = _stacked_values(loss, Z.transpose(1, 2, 0), A.transpose(1, 2, 0), T)
     # scores_to_proba maps row by row, so the rows of several replicas go through it at
-    # once; as many as Loss.values takes in one go.
+    # once; as many as _stacked_values takes in one go.
     accuracy = np.empty(K)
-    step = loss.stack_group(n * c)
+    step = _stack_group(n * c)
     for start in range(0, K, step):
         group = A[:, start : start + step].transpose(1, 2, 0)
         proba = scores_to_proba(group.reshape(-1, c), model.output_activation.name, loss.name)

@@ -50,7 +50,7 @@ def test_a_parallel_sweeps_job_keeps_to_one_blas_thread_throughout(config, monke
     """Not only its training: the data, evaluation and pictures of a job in a parallel
     sweep use one BLAS thread (the other cores run other jobs); the setting is restored
     after the run, and a job outside a parallel sweep keeps what it had."""
-    from pipeline.engine.loop import blas_threads, current_blas_threads
+    from pipeline.fast.threads import blas_threads, current_blas_threads
 
     seen: list[int | None] = []
     make = app.make_dataset

@@ -268,17 +268,3 @@ def test_lookup_by_name_returns_the_registered_entry(name):
 def test_non_numeric_parameters_are_refused_with_value_error(value):
     with pytest.raises(ValueError, match="slope"):
         get_activation("leaky_relu", slope=value)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_row_reduce_equals_numpy_reduction_bit_for_bit(dtype, order):
-    from pipeline.engine.activations import row_reduce
-
-    rng = np.random.default_rng(3)
-    for k in range(1, 12):
-        z = np.asarray(rng.standard_normal((257, k)) * 10, dtype=dtype, order=order)
-        for ufunc in (np.add, np.maximum):
-            got, want = row_reduce(ufunc, z), ufunc.reduce(z, axis=1, keepdims=True)
-            assert got.shape == want.shape == (257, 1)
-            assert np.array_equal(got, want), (k, ufunc.__name__)

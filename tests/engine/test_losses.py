@@ -92,29 +92,6 @@ def test_value_is_a_mean_over_the_batch(name):
     np.testing.assert_allclose(d2[: len(z)], d1 / 2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("stack_values", [Loss.STACK_VALUES, 150])
-def test_values_of_a_stack_are_each_batchs_value(name, dtype, stack_values, monkeypatch):
-    """Loss.values scores a stack of batches (replicas) at once, or in groups when the
-    stack is large: each entry is exactly what value() gives that batch alone."""
-    monkeypatch.setattr(Loss, "STACK_VALUES", stack_values)
-    output = HAND[name][0]
-    n_units = len(HAND[name][1][0])
-    act = ACTIVATIONS[output]
-    rng = np.random.default_rng(3)
-    z = rng.normal(scale=3.0, size=(2, 4, 50, n_units)).astype(dtype)  # (stack, batch)
-    a = act.forward(z.reshape(-1, n_units)).reshape(z.shape)
-    labels = rng.integers(0, max(n_units, 2), size=50)
-    T = encode_targets(labels, n_units, dtype=dtype)
-    loss = LOSSES[name]
-    got = loss.values(z, a, T)
-    assert got.shape == (2, 4)
-    for i in range(2):
-        for k in range(4):
-            assert got[i, k] == loss.value(z[i, k], a[i, k], T), (i, k)
-
-
 # ---------------------------------------------------------------------------- stability
 
 

@@ -109,7 +109,7 @@ def test_forward_in_blocks_covers_every_row_in_order(monkeypatch, n):
     model = MLP([3, 16, 5, 4], activation=["tanh", "relu"], output="softmax", seed=1,
                 dtype=np.float64)
     X = np.random.default_rng(n).standard_normal((n, 3))
-    whole = model._forward(model.check_input(X))[1][-1]
+    whole = model.forward_layers(X)[1][-1]
     monkeypatch.setattr(nn, "FORWARD_BLOCK_BYTES", 8 * 16 * 8)  # 8 rows of 16 float64
     blocked = model.forward(X)
     assert blocked.shape == (n, 4) and blocked.dtype == np.float64
@@ -125,7 +125,7 @@ def test_forward_memory_stays_bounded_on_long_inputs():
     model = MLP([2, 256, 256, 1], activation="relu", output="sigmoid", seed=0,
                 dtype=np.float32)
     X = np.random.default_rng(0).standard_normal((60_000, 2)).astype(np.float32)
-    reference = model._forward(X[:5000])[1][-1]
+    reference = model.forward_layers(X[:5000])[1][-1]
     tracemalloc.start()
     try:
         out = model.forward(X)
@@ -363,58 +363,3 @@ def test_bad_seed_and_bias_are_named(kwargs, key):
 def test_from_arrays_refuses_non_finite_weights():
     with pytest.raises(ValueError, match="layer 2"):
         MLP.from_arrays([np.ones((2, 3)), np.full((3, 1), np.nan)], activation="tanh")
-
-
-def test_a_workspace_block_given_back_under_the_lock_waits_for_the_next_take():
-    # The cyclic garbage collector can collect a workspace, and run the finalizer that
-    # gives its memory back, while take() holds the lock on the same thread: that used
-    # to deadlock. The block must instead wait for, and be reused by, the next take().
-    import threading
-
-    from pipeline.engine.mlp import _SpareBlocks
-
-    class Owner:
-        pass
-
-    spare = _SpareBlocks(1 << 20)
-    block = np.empty(16)
-    done = threading.Event()
-
-    def give_back_while_locked() -> None:
-        with spare.lock:
-            spare.give_back(block)
-        done.set()
-
-    threading.Thread(target=give_back_while_locked, daemon=True).start()
-    assert done.wait(10), "give_back waited for a lock its own thread holds"
-    assert spare.pending == [block] and spare.free == []
-    owner = Owner()
-    assert spare.take(16, np.float64, owner) is block
-    assert spare.pending == [] and spare.free == []
-    del owner  # its finalizer gives the block back, the lock being free
-    assert spare.free == [block]
-
-
-def test_a_large_workspace_block_is_reused_by_the_next_model_until_released():
-    # 100,000 rows of 256-unit layers need 312 MB of workspace: the block of a model
-    # that is gone must serve the next one (fresh memory costs ~2 ms/MB on a VM) and
-    # release_spare_memory() must give it back.
-    import gc
-
-    from pipeline.engine.mlp import _SPARE_BLOCKS, _arena, release_spare_memory
-
-    class Owner:
-        pass
-
-    first = Owner()
-    widths = [3, 257, 257]  # 80 MB of float32 at 40,000 rows: above the old 64 MB limit
-    address = _arena(first, 40_000, widths, np.float32)[0].ctypes.data
-    del first
-    gc.collect()
-    second = Owner()
-    assert _arena(second, 40_000, widths, np.float32)[0].ctypes.data == address
-    del second
-    gc.collect()
-    assert any(b.nbytes > 64 << 20 for b in _SPARE_BLOCKS.free)
-    release_spare_memory()
-    assert _SPARE_BLOCKS.free == [] and _SPARE_BLOCKS.pending == []

@@ -7,16 +7,19 @@ import pickle
 import numpy as np
 import pytest
 
+import pipeline.fast.replicas as replicas_module
+from pipeline.engine.activations import ACTIVATIONS
 from pipeline.engine.loop import SATURATION_THRESHOLD, DivergenceError, StopTraining, fit
-from pipeline.engine.losses import Loss
+from pipeline.engine.losses import LOSSES, encode_targets
 from pipeline.engine.mlp import MLP
 from pipeline.engine.optim import make_optimizer
+from pipeline.fast import fit_replicas
 from pipeline.fast.replicas import (
     ReplicaHistory,
     ReplicaMLP,
     _ReplicaWorkspace,
+    _stacked_values,
     _UnitFractions,
-    fit_replicas,
     replicas_from_config,
 )
 
@@ -95,7 +98,7 @@ def test_replicas_equal_separate_runs(optimizer, batch_size, block, monkeypatch)
 def test_replicas_equal_separate_runs_for_other_architectures(name, one_replica_at_a_time,
                                                               monkeypatch):
     if one_replica_at_a_time:  # the replicas' losses and accuracies scored group by group
-        monkeypatch.setattr(Loss, "STACK_VALUES", 1)
+        monkeypatch.setattr(replicas_module, "STACK_VALUES", 1)
     arch = ARCH[name]
     lrs = [0.05, 0.02, 0.1]
     alone = _separate(arch, "adam", lrs, batch_size=20, epochs=6)
@@ -313,3 +316,33 @@ def test_full_batch_with_eval_every_equals_separate_runs():
                                    atol=1e-11)
         np.testing.assert_allclose(hist.replicas[k].metrics["train/loss"],
                                    h.metrics["train/loss"], rtol=1e-8)
+
+
+# output activation and units each loss is scored on below
+STACK_OUTPUTS = {"mse": ("identity", 2), "half_sse": ("identity", 2), "bce": ("sigmoid", 1),
+                 "cross_entropy": ("softmax", 3), "hinge": ("identity", 3)}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("stack_values", [2**16, 150])
+def test_values_of_a_stack_are_each_batchs_value(name, dtype, stack_values, monkeypatch):
+    """The replicas' losses score a stack of batches (replicas) at once, or in groups when the
+    stack is large: each entry is exactly what value() gives that batch alone."""
+    monkeypatch.setattr(replicas_module, "STACK_VALUES", stack_values)
+    output = STACK_OUTPUTS[name][0]
+    n_units = STACK_OUTPUTS[name][1]
+    act = ACTIVATIONS[output]
+    rng = np.random.default_rng(3)
+    z = rng.normal(scale=3.0, size=(2, 4, 50, n_units)).astype(dtype)  # (stack, batch)
+    a = act.forward(z.reshape(-1, n_units)).reshape(z.shape)
+    labels = rng.integers(0, max(n_units, 2), size=50)
+    T = encode_targets(labels, n_units, dtype=dtype)
+    loss = LOSSES[name]
+    got = _stacked_values(loss, z, a, T)
+    assert got.shape == (2, 4)
+    for i in range(2):
+        for k in range(4):
+            assert got[i, k] == loss.value(z[i, k], a[i, k], T), (i, k)
+
+
