@@ -231,6 +231,7 @@ class TrainerConfig:
     eval_every: int = 1  # evaluate and log every n epochs
     patience: int | None = None  # early stopping on test loss; null = off
     gradcheck: bool = False  # finite-difference gradient check before training
+    explain: bool = False  # the first step worked by the numbers (explain.md)
     replicas: int = 1  # independent copies of the run, >= 1
     # One base learning rate per replica (a learning-rate comparison in one run); null =
     # optimizer.lr for every replica.

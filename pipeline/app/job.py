@@ -344,6 +344,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 
         if tcfg.get("gradcheck"):
             _run_gradcheck(model, dataset, tracker, echo)
+        if tcfg.get("explain"):
+            _explain_first_step(model, dataset, config, tracker, echo)
 
         if tracker is not None:
             with timer("plots"):
@@ -561,6 +563,32 @@ def _replica_figure(replicas, dataset: Dataset, title: str):
         title=f"{title} (mean of {replicas.n_replicas} replicas)",
         class_names=[str(c) for c in dataset.classes], feature_names=dataset.feature_names,
     )
+
+
+#: Samples of the worked example (trainer.explain), and the largest network it prints.
+EXPLAIN_SAMPLES = 4
+EXPLAIN_PRINT_MAX_PARAMS = 40
+
+
+def _explain_first_step(model: MLP, dataset: Dataset, config, tracker, echo: bool) -> None:
+    """The first training step on a few samples, worked by the numbers (explain.md)."""
+    from pipeline.engine.explain import explain_step
+
+    n = min(EXPLAIN_SAMPLES, len(dataset.y_train))
+    trace = explain_step(model, dataset.X_train[:n], dataset.y_train[:n], model.loss,
+                         make_optimizer(**optimizer_kwargs(config)))
+    trace.notes.append(
+        f"the samples are the first {n} rows of the training split, standardised as the "
+        "network sees them; the run's own first step uses its whole first batch")
+    text = trace.to_markdown()
+    if tracker is not None:
+        tracker.log_text(text, "explain.md")
+    if echo:
+        if model.n_params <= EXPLAIN_PRINT_MAX_PARAMS:
+            print(text, flush=True)
+        else:
+            print(f"explain: the first step worked by the numbers is in explain.md "
+                  f"({model.n_params} parameters: too many to print)", flush=True)
 
 
 def _run_gradcheck(model: MLP, dataset: Dataset, tracker, echo: bool) -> None:

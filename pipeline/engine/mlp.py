@@ -56,16 +56,20 @@ def forward_pass(X: Array, weights: Sequence[Array], biases: Sequence[Array] | N
 
 
 def backward_pass(Zs: list[Array], As: list[Array], delta: Array, weights: Sequence[Array],
-                  activations: Sequence[Activation]) -> tuple[list[Array], list[Array]]:
+                  activations: Sequence[Activation],
+                  deltas: list[Array] | None = None) -> tuple[list[Array], list[Array]]:
     """The gradients ``(dWs, dbs)`` of every layer from ``delta = dLoss/dZ_L`` (eq. 1).
 
     ``Zs`` and ``As`` are :func:`forward_pass`'s; ``dWs[l-1]`` has the shape of ``W_l``,
-    ``dbs[l-1]`` that of ``b_l``.
+    ``dbs[l-1]`` that of ``b_l``. A list given as ``deltas`` receives every ``delta_l``
+    (``deltas[l-1]``), for a worked example (:mod:`pipeline.engine.explain`).
     """
     L = len(weights)
     dWs: list[Array] = [None] * L  # type: ignore[list-item]
     dbs: list[Array] = [None] * L  # type: ignore[list-item]
     for k in reversed(range(L)):                # k = l - 1 (lists count from 0)
+        if deltas is not None:
+            deltas.insert(0, delta)
         dWs[k] = As[k].T @ delta                # (3) (fan_in, n) @ (n, fan_out)
         dbs[k] = delta.sum(axis=0)              # (4) (fan_out,)
         if k > 0:

@@ -88,7 +88,7 @@ def test_defaults_compose_and_validate(default_cfg):
 
 def test_default_keys_are_the_documented_ones(default_cfg):
     assert set(default_cfg.trainer) == {
-        "epochs", "batch_size", "seed", "dtype", "eval_every", "patience", "gradcheck",
+        "epochs", "batch_size", "seed", "dtype", "eval_every", "patience", "gradcheck", "explain",
         "replicas", "replica_lrs", "progress", "animation_frames", "threads",
     }
     assert set(default_cfg.model) == {

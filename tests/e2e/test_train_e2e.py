@@ -551,3 +551,19 @@ def test_reference_presets_learn_their_task(config, name, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     result = app.run(config(f"+experiment={name}", "tracking=none"), echo=False)
     assert result.metrics["test/accuracy"] >= 0.9, result.metrics
+
+
+@pytest.mark.slow
+def test_explain_prints_and_logs_the_first_step_worked_by_the_numbers(
+        run_train, tmp_path, new_store):
+    uri = new_store(tmp_path / "store")
+    proc = run_train("+experiment=xor_2_2_1", "trainer.explain=true", "trainer.epochs=5",
+                     "tracking.animation=false", "tracking.log_model=false",
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "# One backpropagation step on a 2-2-1 network, by the numbers" in proc.stdout
+    assert "(2) delta_1 = (delta_2 @ W_2.T) * sigmoid'(Z_1)" in proc.stdout
+    (page,) = (tmp_path / "store" / "mlruns").glob("*/*/artifacts/explain.md")
+    text = page.read_text()
+    assert text.startswith("# One backpropagation step on a 2-2-1 network")
+    assert text in proc.stdout  # the terminal shows exactly what was logged
