@@ -112,12 +112,6 @@ class History:
             return None
         return self.best_epoch if self.best_epoch != self.epochs[-1] else None
 
-    def to_frame(self):
-        """The history as a pandas DataFrame indexed by epoch."""
-        import pandas as pd
-
-        return pd.DataFrame(self.metrics, index=pd.Index(self.epochs, name="epoch"))
-
     def __len__(self) -> int:
         return len(self.epochs)
 
