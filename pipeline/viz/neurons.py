@@ -121,29 +121,30 @@ def plot_neurons(
     rows = [max(1, -(-len(m) // columns)) for m in units.maps]
     cols = min(columns, max(len(m) for m in units.maps))
     cell = 0.62
-    fig = _new_figure((max(4.0, cols * cell + 1.6), sum(rows) * cell + 0.3 * n_layers + 0.8))
+    # Laid out by hand (no constrained layout): drawing is most of what the figure costs.
+    fig = _new_figure((max(4.0, cols * cell + 1.6), sum(rows) * cell + 0.3 * n_layers + 0.8),
+                      layout=None)
+    fig.subplots_adjust(left=0.09, right=0.99, bottom=0.02, top=0.86, hspace=0.25)
     axes = fig.subplots(n_layers, 1, squeeze=False,
                         gridspec_kw={"height_ratios": [r + 0.4 for r in rows]})[:, 0]
     cmap = colormaps[UNIT_CMAP]
     for layer, ax in enumerate(axes):
         maps = units.maps[layer]
         ny, nx = maps.shape[1:]
-        gap = max(1, nx // 8)
-        mosaic = np.full((rows[layer] * (ny + gap) - gap, cols * (nx + gap) - gap), np.nan)
+        gap = max(2, nx // 5)  # a blank band above each row of maps holds their indices
+        mosaic = np.full((rows[layer] * (ny + gap), cols * (nx + gap) - gap), np.nan)
         for j, picture in enumerate(maps):
             r, c = divmod(j, columns)
+            top = r * (ny + gap) + gap
             # Row 0 of a grid is its lowest x2: flip so that up is up in the mosaic.
-            mosaic[r * (ny + gap): r * (ny + gap) + ny,
-                   c * (nx + gap): c * (nx + gap) + nx] = picture[::-1]
+            mosaic[top: top + ny, c * (nx + gap): c * (nx + gap) + nx] = picture[::-1]
         s = units.scale[layer]
         ax.imshow(mosaic, cmap=cmap.with_extremes(bad="white"), vmin=-s, vmax=s,
                   interpolation="nearest")
         for j, index in enumerate(units.shown[layer]):
             r, c = divmod(j, columns)
-            ax.text(c * (nx + gap) + 0.5, r * (ny + gap) + 0.5, str(index), fontsize=5,
-                    va="top", ha="left", color="0.1",
-                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none",
-                          "alpha": 0.7})
+            ax.text(c * (nx + gap), r * (ny + gap) + gap - 0.6, str(index), fontsize=5,
+                    va="bottom", ha="left", color="0.3")
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
@@ -219,7 +220,7 @@ def plot_network(
             x, y = (layer + 1) * gap, pos[layer + 1][j]
             ax.imshow(picture, cmap=cmap, vmin=-s, vmax=s, origin="lower",
                       extent=(x - box, x + box, y - box, y + box), zorder=2,
-                      interpolation="bilinear")
+                      interpolation="nearest")
             ax.add_patch(_square(x, y, box, "none"))
         label = f"layer {layer + 1}" + (f"\n{activation_names[layer]}" if activation_names
                                         else "")
