@@ -445,8 +445,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         def keep_best(epoch: int, metrics: dict[str, float]) -> None:
             # The trainer restores the best parameters only when patience ran out; the
             # estimator always ends on the best validation epoch (as scikit-learn does).
-            if metrics["test/loss"] < best["loss"]:
-                best["loss"] = metrics["test/loss"]
+            if metrics["val/loss"] < best["loss"]:
+                best["loss"] = metrics["val/loss"]
                 best["params"] = model.params.copy()
 
         history = train(
@@ -467,8 +467,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.loss_function_ = loss
         if self.early_stopping:
             model.set_params(best["params"])
-            scores = [float(v) for v in history.metrics["test/accuracy"]]
-            val_losses = [float(v) for v in history.metrics["test/loss"]]
+            scores = [float(v) for v in history.metrics["val/accuracy"]]
+            val_losses = [float(v) for v in history.metrics["val/loss"]]
             self.validation_scores_ = scores
             self.validation_loss_curve_ = val_losses
             self.best_validation_score_ = scores[int(np.argmin(val_losses))]

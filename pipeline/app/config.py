@@ -88,6 +88,10 @@ class DatasetConfig:
     n_samples: int | None = 500  # rows before the split; null only for csv (= every row)
     noise: float = 0.2  # generator-specific noise level, >= 0
     test_fraction: float = 0.25  # share held out for testing, in (0, 1); stratified
+    # Share of the training part held out for validation, in [0, 1): what early stopping,
+    # a sweep's best run and a search's objective are chosen on. 0 = none (nothing is
+    # selected; training stops only on epochs).
+    val_fraction: float = 0.2
     seed: int = 0  # generator and split seed (the model has trainer.seed)
 
 
@@ -229,7 +233,7 @@ class TrainerConfig:
     seed: int = 0  # initial weights and batch order
     dtype: str = "float32"  # float32 or float64
     eval_every: int = 1  # evaluate and log every n epochs
-    patience: int | None = None  # early stopping on test loss; null = off
+    patience: int | None = None  # early stopping on the validation loss; null = off
     gradcheck: bool = False  # finite-difference gradient check before training
     explain: bool = False  # the first step worked by the numbers (explain.md)
     replicas: int = 1  # independent copies of the run, >= 1
@@ -1089,15 +1093,22 @@ def _validate_trainer(t: Mapping[str, Any], d: Mapping[str, Any]) -> None:
         raise ConfigError("trainer.threads", threads, "must be auto or an integer >= 1")
 
     batch, n, tf = t["batch_size"], d.get("n_samples"), d["test_fraction"]
+    vf = d.get("val_fraction") or 0.0
     if batch is not None and n is not None:
         n_train = n - math.ceil(tf * n)  # sklearn's train_test_split sizes
+        n_train -= math.ceil(vf * n_train)
         if batch > n_train:
             raise ConfigError(
                 "trainer.batch_size",
                 batch,
                 f"must be null (full batch) or at most {n_train}, the training split of "
-                f"dataset.n_samples={n} with dataset.test_fraction={format_value(tf)}",
+                f"dataset.n_samples={n} with dataset.test_fraction={format_value(tf)} and "
+                f"dataset.val_fraction={format_value(vf)}",
             )
+    if t["patience"] is not None and not vf:
+        raise ConfigError("trainer.patience", t["patience"],
+                          "early stopping needs a validation split: set dataset.val_fraction "
+                          "> 0 (it never stops on the test split), or trainer.patience=null")
 
 
 def _validate_tracking(tr: Mapping[str, Any]) -> None:

@@ -93,8 +93,9 @@ class RunResult:
 
     @property
     def objective(self) -> float | None:
-        """Final test loss: what hyper-parameter sweepers minimise."""
-        return self.metrics.get("test/loss")
+        """Final validation loss: what hyper-parameter sweepers minimise (None without a
+        validation split: a sweep cannot select on the test split)."""
+        return self.metrics.get("val/loss")
 
 
 class _Timer:
@@ -363,7 +364,8 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
                 dataset.X_train, dataset.y_train,
                 loss=model.loss, optimizer=optimizer, epochs=tcfg["epochs"],
                 batch_size=tcfg["batch_size"], seed=tcfg["seed"],
-                X_val=dataset.X_test, y_val=dataset.y_test, callbacks=callbacks,
+                X_val=dataset.X_val, y_val=dataset.y_val,
+                X_test=dataset.X_test, y_test=dataset.y_test, callbacks=callbacks,
                 eval_every=tcfg["eval_every"], patience=tcfg["patience"],
                 threads="auto" if threads in (None, "auto") else int(threads),
             )
@@ -698,19 +700,23 @@ def _print_summary(result: RunResult, name: str) -> None:
         spread = m.get(f"{key}/std") if replicas else None
         return f"{m[key]:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
-    parts = [f"{k.split('/')[0]} accuracy {value(k, 3)}" for k in ("train/accuracy",
-                                                                     "test/accuracy") if k in m]
-    if "test/loss" in m:
-        parts.append(f"test loss {value('test/loss', 4)}")
+    parts = [f"{k.split('/')[0]} accuracy {value(k, 3)}"
+             for k in ("train/accuracy", "val/accuracy", "test/accuracy") if k in m]
+    parts += [f"{k.split('/')[0]} loss {value(k, 4)}" for k in ("val/loss", "test/loss")
+              if k in m]
     print(f"{name}: {result.status} after {result.history.epochs[-1] if len(result.history) else 0}"
           f" epochs ({result.timings.get('train', 0.0):.2f} s training)")
     if parts:
         print("  " + ", ".join(parts))
         if result.restored_epoch is not None:
             epoch = result.restored_epoch
-            print(f"  (stopped early: no better test loss after epoch {epoch}, whose weights "
-                  "are kept and reported)" if result.history.stopped_early else
-                  f"  (epoch {epoch} had the best test loss: its weights are kept and reported)")
+            print(f"  (stopped early: no better validation loss after epoch {epoch}, whose "
+                  "weights are kept and reported)" if result.history.stopped_early else
+                  f"  (epoch {epoch} had the best validation loss: its weights are kept and "
+                  "reported)")
+        if "val/loss" not in m:
+            print("  (no validation split, dataset.val_fraction=0: nothing was selected, "
+                  "training ran its epochs)")
         if replicas:
             print(f"  (mean ± standard deviation over {replicas} replicas, seeds "
                   f"{result.model.seed}..{result.model.seed + replicas - 1})")

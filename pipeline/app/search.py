@@ -16,9 +16,9 @@ Two sides, in two kinds of process:
   normally with the tags ``sweep.trial_state=pruned`` and ``sweep.pruned_epoch``, and
   leaves ``pruned_at_epoch`` on the trial for the search to read.
 
-The objective is the final test loss, as the task function returns it, and pruning uses
-the test loss too: the datasets have no validation split yet, so this search selects on the
-split it reports. Treat its best value as optimistic until the validation split exists.
+The objective is the final validation loss, as the task function returns it, and pruning
+uses the validation loss too: the test split is reported, never selected on. A search
+needs a validation split (``dataset.val_fraction > 0``) and refuses to start without one.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ from pipeline.paths import project_root
 
 log = logging.getLogger(__name__)
 
-#: The metric reported to the pruner and returned as the objective (see the module note).
-OBJECTIVE = "test/loss"
+#: The metric reported to the pruner and returned as the objective: the validation loss,
+#: so that the test split stays an honest estimate of the best trial.
+OBJECTIVE = "val/loss"
 #: Trial attribute a pruned job leaves for the search: the epoch it stopped at.
 PRUNED_ATTR = "pruned_at_epoch"
 #: Name of the journal file of the default storage, beside the MLflow store.
@@ -177,6 +178,9 @@ def run_search(launcher: Any, config: DictConfig, arguments: Sequence[str], *, s
                        ("report_every", report_every)):
         if value < 1:
             raise ValueError(f"hydra.sweeper.{key}={value}: must be >= 1")
+    if not (config.get("dataset") or {}).get("val_fraction"):
+        raise ValueError("dataset.val_fraction=0: a search selects on the validation loss; "
+                         "set dataset.val_fraction > 0 (it never selects on the test split)")
     space_args = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
     distributions, fixed = search_space(space_args)
     if isinstance(sampler, Callable) and not isinstance(sampler, optuna.samplers.BaseSampler):

@@ -197,7 +197,7 @@ class MlflowSweepCallback(Callback):
     """
 
     def __init__(self, report: bool = True, boundaries: bool = True,
-                 best_metric: str = "test/loss", best_mode: str = "min",
+                 best_metric: str = "val/loss", best_mode: str = "min",
                  fail_exit: bool = True) -> None:
         self.report = report
         self.boundaries = boundaries

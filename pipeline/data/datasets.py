@@ -730,6 +730,11 @@ class Dataset:
         The generator's arguments with defaults filled in, plus ``test_fraction``.
     X_train_raw, X_test_raw : numpy.ndarray of float64, shape (n_train or n_test, n_features)
         The same features in original units (kept so ``to_frame`` is exact).
+    X_val, y_val, X_val_raw : numpy.ndarray or None
+        The validation split (taken from the training part, standardised with the
+        training statistics), or None when ``val_fraction`` is 0. Anything chosen during
+        training (early stopping, a sweep's best run, a search's objective) is chosen on
+        it, so that the test split stays an honest estimate.
     """
 
     X_train: np.ndarray = field(repr=False)
@@ -747,6 +752,9 @@ class Dataset:
     params: dict[str, Any]
     X_train_raw: np.ndarray = field(repr=False)
     X_test_raw: np.ndarray = field(repr=False)
+    X_val: np.ndarray | None = field(default=None, repr=False)
+    y_val: np.ndarray | None = field(default=None, repr=False)
+    X_val_raw: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_train(self) -> int:
@@ -757,6 +765,11 @@ class Dataset:
     def n_test(self) -> int:
         """Number of test rows."""
         return int(self.y_test.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        """Number of validation rows (0 without a validation split)."""
+        return 0 if self.y_val is None else int(self.y_val.shape[0])
 
     def _check_X(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -800,23 +813,28 @@ class Dataset:
         Returns
         -------
         pandas.DataFrame
-            ``n_train + n_test`` rows (train first) with one column per feature
-            (``feature_names``), ``label`` (the original label values, ``classes[y]``)
-            and ``split`` (``"train"`` or ``"test"``). Saved as CSV it reads back with
-            ``make_dataset("csv", path=..., feature_columns=list(feature_names))``.
+            ``n_train + n_val + n_test`` rows (train, then validation, then test) with one
+            column per feature (``feature_names``), ``label`` (the original label values,
+            ``classes[y]``) and ``split`` (``"train"``, ``"val"`` or ``"test"``). Saved as
+            CSV it reads back with ``make_dataset("csv", path=...,
+            feature_columns=list(feature_names))``.
         """
-        X = np.vstack([self.X_train_raw, self.X_test_raw])  # (n, n_features)
-        y = np.concatenate([self.y_train, self.y_test])  # (n,)
+        parts = [(self.X_train_raw, self.y_train, "train"), (self.X_test_raw, self.y_test, "test")]
+        if self.X_val_raw is not None:
+            parts.insert(1, (self.X_val_raw, self.y_val, "val"))
+        X = np.vstack([p[0] for p in parts])  # (n, n_features)
+        y = np.concatenate([p[1] for p in parts])  # (n,)
         frame = pd.DataFrame(X, columns=list(self.feature_names))
         frame[LABEL_COLUMN] = pd.Series(self.classes).to_numpy()[y]
-        frame[SPLIT_COLUMN] = ["train"] * self.n_train + ["test"] * self.n_test
+        frame[SPLIT_COLUMN] = [name for p in parts for name in [p[2]] * len(p[1])]
         return frame
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def _check_common(n_samples: Any, noise: Any, test_fraction: Any, seed: Any, name: str) -> None:
+def _check_common(n_samples: Any, noise: Any, test_fraction: Any, seed: Any, name: str,
+                  val_fraction: Any = 0.0) -> None:
     # None means "the generator's default" (for csv: every row of the file).
     if n_samples is not None and (not _is_int(n_samples) or n_samples < 1):
         allowed = "null (all rows) or an integer >= 1" if name == "csv" else "an integer >= 1"
@@ -826,6 +844,11 @@ def _check_common(n_samples: Any, noise: Any, test_fraction: Any, seed: Any, nam
     if not _is_real(test_fraction) or not 0 < test_fraction < 1:
         raise ValueError(
             f"test_fraction={test_fraction!r}: must be a number in (0, 1)"
+        )
+    if not _is_real(val_fraction) or not 0 <= val_fraction < 1:
+        raise ValueError(
+            f"val_fraction={val_fraction!r}: must be a number in [0, 1) (a share of the "
+            "training part; 0 = no validation split)"
         )
     if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32-1]")
@@ -838,6 +861,7 @@ def make_dataset(
     noise: float | None = None,
     test_fraction: float = 0.25,
     seed: int = 0,
+    val_fraction: float = 0.0,
     **extra: Any,
 ) -> Dataset:
     """Generate (or read) a data set, split it and standardise it.
@@ -856,6 +880,9 @@ def make_dataset(
         every class appears in both splits.
     seed : int
         Seed for the generator and the split; the same seed gives identical arrays.
+    val_fraction : float
+        Share of the training part held out as the validation split, in [0, 1); 0 for
+        none. Stratified like the test split; the test split is the same whatever it is.
     **extra
         Generator options: ``classes`` (all), ``factor`` (circles), ``turns``
         (spirals), ``margin`` (linear), ``path``, ``label_column``,
@@ -883,7 +910,7 @@ def make_dataset(
                 f"{key}={value!r}: not an option of dataset {name}; "
                 f"allowed: {', '.join(options) or '(none)'}"
             )
-    _check_common(n_samples, noise, test_fraction, seed, name)
+    _check_common(n_samples, noise, test_fraction, seed, name, val_fraction)
 
     given = {"n_samples": n_samples, "noise": noise}
     kwargs = {k: v for k, v in given.items() if v is not None}
@@ -896,6 +923,7 @@ def make_dataset(
     ):
         params["feature_columns"] = [str(c) for c in params["feature_columns"]]
     params["test_fraction"] = float(test_fraction)
+    params["val_fraction"] = float(val_fraction)
 
     raw = generator(**bound.arguments)
     k = len(raw.classes)
@@ -928,7 +956,13 @@ def make_dataset(
                 "choose a test_fraction nearer 0.5 or provide more rows of that class"
             )
 
-    scaler = StandardScaler().fit(X_train)  # training statistics only: no test leakage
+    X_val = y_val = None
+    if val_fraction > 0:
+        X_train, X_val, y_train, y_val = _validation_split(
+            X_train, y_train, float(val_fraction), int(seed), raw.classes)
+
+    # Training statistics only: nothing about the validation or test rows leaks in.
+    scaler = StandardScaler().fit(X_train)
     return Dataset(
         X_train=np.ascontiguousarray(scaler.transform(X_train), dtype=np.float64),
         X_test=np.ascontiguousarray(scaler.transform(X_test), dtype=np.float64),
@@ -945,4 +979,33 @@ def make_dataset(
         params=params,
         X_train_raw=np.ascontiguousarray(X_train, dtype=np.float64),
         X_test_raw=np.ascontiguousarray(X_test, dtype=np.float64),
+        X_val=None if X_val is None else np.ascontiguousarray(scaler.transform(X_val),
+                                                               dtype=np.float64),
+        y_val=None if y_val is None else np.ascontiguousarray(y_val, dtype=np.int64),
+        X_val_raw=None if X_val is None else np.ascontiguousarray(X_val, dtype=np.float64),
     )
+
+
+def _validation_split(X: np.ndarray, y: np.ndarray, fraction: float, seed: int,
+                      classes: tuple) -> tuple[np.ndarray, ...]:
+    """Hold out ``fraction`` of the training part, stratified, every class on both sides."""
+    from sklearn.model_selection import train_test_split
+
+    k = len(classes)
+    n_val = math.ceil(fraction * len(y))
+    if len(y) - n_val < k or n_val < k:
+        raise ValueError(
+            f"val_fraction={fraction}: {n_val} of the {len(y)} training rows would be "
+            f"held out, leaving {len(y) - n_val} to train on; each of the {k} classes "
+            "needs a row on both sides: choose a smaller val_fraction or more n_samples"
+        )
+    # A seed of its own (derived from the data's), so the test split does not move.
+    X_fit, X_val, y_fit, y_val = train_test_split(
+        X, y, test_size=fraction, random_state=(seed + 1) % 2**32, stratify=y)
+    missing = np.setdiff1d(np.arange(k), np.intersect1d(y_fit, y_val))
+    if missing.size:
+        raise ValueError(
+            f"val_fraction={fraction}: class {classes[int(missing[0])]!r} got no training "
+            "or no validation row; choose a val_fraction nearer 0.5 or more n_samples"
+        )
+    return X_fit, X_val, y_fit, y_val

@@ -367,6 +367,8 @@ def fit(
     seed: int = 0,
     X_val: Array | None = None,
     y_val: Array | None = None,
+    X_test: Array | None = None,
+    y_test: Array | None = None,
     callbacks: Iterable[Callback] = (),
     eval_every: int = 1,
     patience: int | None = None,
@@ -393,14 +395,19 @@ def fit(
         None for full batch, 1 for online learning. Samples are reshuffled every epoch
         with a generator seeded by ``seed``.
     X_val, y_val : arrays, optional
-        Held-out data; reported as ``test/loss`` and ``test/accuracy``.
+        Validation data, the only data anything is selected on: reported as ``val/loss``
+        and ``val/accuracy``, and early stopping watches ``val/loss``.
+    X_test, y_test : arrays, optional
+        Test data, reported as ``test/loss`` and ``test/accuracy`` and never used to
+        decide anything (so that they stay an honest estimate).
     callbacks : iterable of callables
         ``callback(epoch, metrics)`` after each evaluated epoch; raise
         :class:`StopTraining` to stop.
     eval_every : int
         Evaluate (and call callbacks) every this many epochs, and on the last one.
     patience : int or None
-        Stop when the validation loss has not improved for this many evaluations.
+        Stop when the validation loss has not improved for this many evaluations
+        (needs ``X_val``).
     restore_best : bool
         With ``patience``, put back the parameters of the best evaluation at the end.
     diagnostics : bool
@@ -432,6 +439,7 @@ def fit(
     if patience is not None:
         patience = _positive_int("patience", patience)
     X, T, labels, batch, val = prepare_inputs(model, X, y, batch_size, X_val, y_val, patience)
+    test = held_out(model, X_test, y_test, "X_test")
     n = X.shape[0]
 
     callbacks = list(callbacks)
@@ -476,7 +484,9 @@ def fit(
             steps.check_metrics(epoch, metrics)
             steps.check_params(epoch)
             if val is not None:
-                metrics["test/loss"], metrics["test/accuracy"] = steps.evaluate(*val)
+                metrics["val/loss"], metrics["val/accuracy"] = steps.evaluate(*val)
+            if test is not None:
+                metrics["test/loss"], metrics["test/accuracy"] = steps.evaluate(*test)
             metrics["lr"] = steps.current_lr
             if diagnostics:
                 metrics.update(steps.diagnostics(previous))
@@ -484,7 +494,7 @@ def fit(
             summary = steps.record(history, epoch, metrics)
             history.eval_seconds += time.perf_counter() - eval_started
 
-            stop = val is not None and early.update(epoch, summary["test/loss"], model.params,
+            stop = val is not None and early.update(epoch, summary["val/loss"], model.params,
                                                     history)
             callbacks_started = time.perf_counter()
             stop = run_callbacks(callbacks, epoch, summary) or stop
@@ -571,14 +581,22 @@ def prepare_inputs(
     batch = n if batch_size is None else _positive_int("batch_size", batch_size)
     if batch > n:
         raise ValueError(f"batch_size={batch_size}: must be at most the {n} training samples")
-    val = None
-    if X_val is not None and y_val is not None:
-        X_val = model.check_input(X_val)
-        T_val = model.encode_targets(y_val, X_val.shape[0])
-        val = (X_val, T_val, true_labels(y_val, T_val))
-    elif patience is not None:
+    val = held_out(model, X_val, y_val, "X_val")
+    if val is None and patience is not None:
         raise ValueError("patience: early stopping needs validation data (X_val, y_val)")
     return X, T, labels, batch, val
+
+
+def held_out(model: MLP, X: Array | None, y: Array | None,
+             name: str = "X_test") -> tuple[Array, Array, Array] | None:
+    """Checked and encoded held-out data ``(X, T, labels)``, or None when not given."""
+    if X is None or y is None:
+        return None
+    X = model.check_input(X)
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} has 0 samples: give held-out rows or None")
+    T = model.encode_targets(y, X.shape[0])
+    return X, T, true_labels(y, T)
 
 
 def _positive_int(key: str, value: object) -> int:

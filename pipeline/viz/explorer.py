@@ -45,7 +45,8 @@ MAX_POINTS = 600
 #: The page (HTML, CSS and JavaScript) the data is put into, beside this module.
 PAGE_TEMPLATE = "explorer.html"
 #: Curves drawn, when the run has them.
-CURVES = ("train/loss", "test/loss", "train/accuracy", "test/accuracy")
+CURVES = ("train/loss", "val/loss", "test/loss", "train/accuracy", "val/accuracy",
+          "test/accuracy")
 
 
 def _b64(array: np.ndarray) -> str:

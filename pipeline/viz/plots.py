@@ -531,11 +531,13 @@ def plot_training_curves(
     Figure
         Two axes: loss (log-scaled when it spans more than two decades) and accuracy.
     """
-    panels = {"loss": ("train/loss", "test/loss"), "accuracy": ("train/accuracy", "test/accuracy")}
+    panels = {"loss": ("train/loss", "val/loss", "test/loss"),
+              "accuracy": ("train/accuracy", "val/accuracy", "test/accuracy")}
     present = [k for keys in panels.values() for k in keys if k in history]
     if not present:
         raise ValueError(
-            "history has none of train/loss, test/loss, train/accuracy, test/accuracy; "
+            "history has none of train/loss, val/loss, test/loss, train/accuracy, "
+            "val/accuracy, test/accuracy; "
             f"keys found: {sorted(history)}"
         )
     n = len(history[present[0]])
@@ -548,7 +550,8 @@ def plot_training_curves(
 
     fig = _new_figure((10.0, 4.0))
     axes = fig.subplots(1, 2)
-    styles = {"train": dict(color="C0", lw=1.8), "test": dict(color="C1", lw=1.8, ls="--")}
+    styles = {"train": dict(color="C0", lw=1.8), "val": dict(color="C2", lw=1.5, ls="-."),
+              "test": dict(color="C1", lw=1.8, ls="--")}
     for ax, (name, keys) in zip(axes, panels.items(), strict=True):
         for key in keys:
             if key not in history:
@@ -1483,6 +1486,10 @@ def _draw_heatmap(
     return im
 
 
+def _position(values: list[Any], value: Any) -> int:
+    return next(i for i, v in enumerate(values) if _key(v) == _key(value))
+
+
 def _best_mask(M: np.ndarray, higher_is_better: bool) -> np.ndarray:
     if not np.any(np.isfinite(M)):
         return np.zeros(M.shape, dtype=bool)
@@ -1503,6 +1510,8 @@ def plot_sweep_heatmap(
     fmt: str = ".3f",
     title: str | None = None,
     cmap: str = "viridis",
+    best_job: int | None = None,
+    best_by: str | None = None,
 ) -> Figure:
     """A metric over a two-parameter sweep as an annotated heatmap.
 
@@ -1529,6 +1538,10 @@ def plot_sweep_heatmap(
     cmap : str
         Colour map (reversed automatically when lower is better, so "good" is always
         the same colour).
+    best_job, best_by : int and str, optional
+        The position in ``table`` of the sweep's best job and the metric it was chosen
+        by: its cell is outlined, whatever this figure's metric says (one definition of
+        "best" across a report). Without it the best cell of ``value`` is outlined.
 
     Returns
     -------
@@ -1546,12 +1559,18 @@ def plot_sweep_heatmap(
     norm = Normalize(*(finite.min(), finite.max()) if finite.size else (0.0, 1.0))
     fig = _new_figure((1.1 * len(cols) + 2.8, 0.7 * len(rows) + 1.8))
     ax = fig.add_subplot()
-    im = _draw_heatmap(ax, M, F, rows, cols, row, col, norm, cm,
-                       _best_mask(M, higher_is_better), fmt)
+    if best_job is None:
+        best, outlined = _best_mask(M, higher_is_better), "best outlined"
+    else:
+        best = np.zeros(M.shape, dtype=bool)
+        job = table.iloc[int(best_job)]
+        best[_position(rows, job[row]), _position(cols, job[col])] = True
+        outlined = f"best by {best_by} outlined" if best_by else "best outlined"
+    im = _draw_heatmap(ax, M, F, rows, cols, row, col, norm, cm, best, fmt)
     fig.colorbar(im, ax=ax, label=value)
     ax.set_title(title if title is not None else
                  f"{value}{' (' + agg + ')' if agg else ''}: "
-                 f"{'higher' if higher_is_better else 'lower'} is better, best outlined",
+                 f"{'higher' if higher_is_better else 'lower'} is better, {outlined}",
                  fontsize="medium")
     return fig
 

@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 #: Final metrics shown in the summary table, in this order (those present).
-METRICS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss")
+METRICS = ("test/accuracy", "test/loss", "val/accuracy", "val/loss", "train/accuracy",
+           "train/loss")
 #: Statuses that count as a finished job; anything else (FAILED, KILLED, RUNNING) failed.
 OK_STATUS = "FINISHED"
 #: The status shown for a search trial that Optuna's pruner stopped (a finished run tagged
@@ -65,7 +66,7 @@ WEIGHTS_ARTIFACT = "model/artifacts/weights.npz"
 DATASET_ARTIFACT = "data/dataset.csv"
 #: Objective that picks the best run by default (what the task function returns and Optuna
 #: minimises).
-DEFAULT_BEST = ("test/loss", "min")
+DEFAULT_BEST = ("val/loss", "min")
 
 
 @dataclass
@@ -363,7 +364,7 @@ def sweep_table(
     return table
 
 
-def pick_best(table: pd.DataFrame, metric: str = "test/loss", mode: str = "min") -> str | None:
+def pick_best(table: pd.DataFrame, metric: str = "val/loss", mode: str = "min") -> str | None:
     """Run id of the finished job with the best final ``metric`` (None if there is none)."""
     if mode not in ("min", "max"):
         raise ValueError(f"mode={mode!r}: must be 'min' or 'max'")
@@ -390,9 +391,11 @@ def _has_duplicates(table: pd.DataFrame, keys: Sequence[str]) -> bool:
 
 
 def metric_figures(
-    table: pd.DataFrame, keys: Sequence[str], sweeper: str = "basic"
+    table: pd.DataFrame, keys: Sequence[str], sweeper: str = "basic",
+    best_run_id: str | None = None, best_metric: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame], list[str]]:
-    """Figures of final test accuracy and test loss over the swept keys that vary.
+    """Figures of final test accuracy and test loss over the swept keys that vary; the
+    best run (``best_run_id``, chosen by ``best_metric``) is the one outlined.
 
     Returns (figures, grids, notes): ``grids`` holds the matrices behind 2-parameter
     heatmaps (rows x columns, NaN for failed cells), keyed like the figures.
@@ -428,9 +431,13 @@ def metric_figures(
             fig = plots.plot_sweep_lines(table, keys[0], m, failed_mask=failed,
                                          higher_is_better=higher, spread=spreads[m])
         elif len(keys) == 2:
+            best_job = None
+            if best_run_id is not None and not agg:
+                best_job = int(np.flatnonzero((table["run_id"] == best_run_id).to_numpy())[0])
             fig = plots.plot_sweep_heatmap(table, keys[0], keys[1], m, failed_mask=failed,
                                            higher_is_better=higher, agg=agg,
-                                           fmt=".3f" if higher else ".4f")
+                                           fmt=".3f" if higher else ".4f",
+                                           best_job=best_job, best_by=best_metric)
             grids[f"{name[m]}_grid"] = heatmap_grid(table, keys[0], keys[1], m, agg)
         else:
             fig = plots.plot_sweep_facets(table, keys[0], keys[1], keys[2], m,
@@ -669,12 +676,16 @@ def build_report(
                          best_metric=best_metric, best_mode=best_mode)
     if table.empty:
         report.notes.append("the sweep has no child runs")
+    elif best is None and not (best_metric in table and table[best_metric].notna().any()):
+        report.notes.append(
+            f"no best run: the jobs logged no {best_metric} (dataset.val_fraction=0 leaves "
+            "no validation split, and nothing is selected on the test split)")
         return report
     if any(column.endswith("/std") for column in table.columns):
         report.notes.append("jobs with replicas show mean ± standard deviation across them "
                             "(the heatmaps and the best job use the means; a boundary "
                             "panel shows replica 0, the job's logged model)")
-    figures, grids, notes = metric_figures(table, keys, sweeper)
+    figures, grids, notes = metric_figures(table, keys, sweeper, best, best_metric)
     report.figures.update(figures)
     report.grids.update(grids)
     report.notes.extend(notes)

@@ -173,7 +173,7 @@ def test_dataset_yaml_is_accepted_by_make_dataset(name):
     if k is not None:
         assert ds.n_classes == k
     if cfg.dataset.n_samples is not None:
-        assert ds.n_train + ds.n_test == cfg.dataset.n_samples
+        assert ds.n_train + ds.n_val + ds.n_test == cfg.dataset.n_samples
 
 
 def test_overrides_of_every_group():
@@ -320,7 +320,10 @@ BAD_INPUTS = [
     (["dataset=blobs", "dataset.classes=1"], "dataset.classes"),
     (["dataset=csv", "dataset.path=no/such/file.csv"], "dataset.path"),
     (["trainer.batch_size=0"], "trainer.batch_size"),
-    (["trainer.batch_size=376"], "trainer.batch_size"),  # moons: 500 * 0.75 = 375 train
+    (["trainer.batch_size=301"], "trainer.batch_size"),  # moons: 500 * 0.75 * 0.8 = 300
+    (["dataset.val_fraction=1"], "dataset.val_fraction"),
+    (["dataset.val_fraction=-0.1"], "dataset.val_fraction"),
+    (["dataset.val_fraction=0", "trainer.patience=5"], "trainer.patience"),
     (["trainer.dtype=float16"], "trainer.dtype"),
     (["trainer.replicas=0"], "trainer.replicas"),
     (["trainer.patience=0"], "trainer.patience"),

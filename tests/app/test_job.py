@@ -84,7 +84,8 @@ def test_run_without_tracking_returns_a_complete_result(config, tmp_path, monkey
                 "grad_norm/layer_1", "update_ratio/layer_1", "saturated_fraction/layer_1"):
         assert key in result.metrics, key
         assert result.metrics[key] == result.history.metrics[key][-1]
-    assert result.objective == result.metrics["test/loss"]
+    # The objective is the validation loss: what sweeps select on, never the test split.
+    assert result.objective == result.metrics["val/loss"] != result.metrics["test/loss"]
     assert {"data", "train"} <= set(result.timings)
     assert all(v >= 0 for v in result.timings.values())
     # tracking=none touches no store, whatever MLFLOW_TRACKING_URI says.
@@ -316,8 +317,9 @@ def test_early_stopping_reports_the_epoch_whose_weights_are_kept(config, trackin
     h = result.history
     assert h.stopped_early and result.restored_epoch == h.best_epoch < h.epochs[-1]
     kept = h.at(h.best_epoch)
-    assert kept["test/loss"] == min(h.metrics["test/loss"])
-    assert result.metrics == kept and result.objective == kept["test/loss"]
+    # The kept epoch is the one of least validation loss, whatever the test loss says.
+    assert kept["val/loss"] == min(h.metrics["val/loss"])
+    assert result.metrics == kept and result.objective == kept["val/loss"]
     # The model is that epoch's: its test loss is the one reported.
     ds, model = result.dataset, result.model
     T = encode_targets(ds.y_test, model.n_outputs, dtype=model.dtype)
@@ -331,7 +333,8 @@ def test_early_stopping_reports_the_epoch_whose_weights_are_kept(config, trackin
     steps = [m.step for m in client.get_metric_history(result.run_id, "test/loss")]
     assert sorted(steps) == [*h.epochs, h.epochs[-1] + 1]
     out = capsys.readouterr().out
-    assert f"no better test loss after epoch {h.best_epoch}, whose weights are kept" in out, out
+    expected = f"no better validation loss after epoch {h.best_epoch}, whose weights are kept"
+    assert expected in out, out
     # Without early stopping the last epoch is the run's.
     plain = app.run(config("trainer.epochs=5", *LIGHT), echo=False)
     assert plain.restored_epoch is None and plain.metrics == plain.history.last()

@@ -86,10 +86,10 @@ def test_a_reporter_reports_every_few_epochs_and_stops_a_pruned_trial(tmp_path):
     trial = study.ask()
     reporter = search.TrialReporter(trial, every=10)
     for epoch in range(1, 25):
-        reporter(epoch, {"test/loss": 0.5})
+        reporter(epoch, {"val/loss": 0.5, "test/loss": 9.0})  # the pruner sees val only
     assert study.trials[0].intermediate_values == {10: 0.5, 20: 0.5}
     with pytest.raises(StopTraining):
-        reporter(30, {"test/loss": 2.0})  # over the threshold: pruned
+        reporter(30, {"val/loss": 2.0, "test/loss": 0.1})  # over the threshold: pruned
     assert reporter.pruned_epoch == 30
     assert study.trials[0].user_attrs[search.PRUNED_ATTR] == 30
     assert reporter.run_tags() == {"sweep.trial": "0", "sweep.trial_state": "pruned",
@@ -132,8 +132,8 @@ def test_a_six_trial_search_is_kept_and_a_second_command_resumes_it(
     assert {c.data.tags["sweep.trial"] for c in children} == {str(i) for i in range(6)}
     study = _study(tmp_path / "store", "six")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
-    # Each trial told Optuna its run's final test loss.
-    by_trial = {int(c.data.tags["sweep.trial"]): c.data.metrics["test/loss"] for c in children}
+    # Each trial told Optuna its run's final validation loss (never the test loss).
+    by_trial = {int(c.data.tags["sweep.trial"]): c.data.metrics["val/loss"] for c in children}
     assert {t.number: t.value for t in study.trials} == pytest.approx(by_trial)
     assert "0 trials so far, adding 6" in proc.stdout
     assert f"optuna-dashboard {tmp_path / 'store' / 'optuna.journal'}" in proc.stdout

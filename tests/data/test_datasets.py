@@ -177,6 +177,7 @@ def test_params_record_defaults():
         "factor": 0.5,
         "classes": 2,
         "test_fraction": 0.25,
+        "val_fraction": 0.0,
     }
     assert ds.source == "sklearn.datasets.make_circles"
 
@@ -386,3 +387,42 @@ def test_class_too_rare_for_the_split(tmp_path):
     with pytest.raises(ValueError, match=r"^test_fraction=0\.1: class 'b' \(2 rows\)"):
         make_dataset("csv", path=path, test_fraction=0.1)
     assert make_dataset("csv", path=path, test_fraction=0.5).n_classes == 2
+
+
+# ------------------------------------------------------------------ validation split
+
+
+def _rows(X: np.ndarray) -> set[tuple[float, float]]:
+    return {tuple(r) for r in np.round(X, 12)}
+
+
+def test_the_validation_split_is_disjoint_fixed_by_the_seed_and_leaves_test_alone():
+    ds = make_dataset("moons", n_samples=400, noise=0.2, seed=3, val_fraction=0.25)
+    assert (ds.n_train, ds.n_val, ds.n_test) == (225, 75, 100)
+    train, val, test = _rows(ds.X_train_raw), _rows(ds.X_val_raw), _rows(ds.X_test_raw)
+    assert not (train & val) and not (train & test) and not (val & test)
+    again = make_dataset("moons", n_samples=400, noise=0.2, seed=3, val_fraction=0.25)
+    assert np.array_equal(again.X_val_raw, ds.X_val_raw)
+    assert np.array_equal(again.y_val, ds.y_val)
+    other = make_dataset("moons", n_samples=400, noise=0.2, seed=4, val_fraction=0.25)
+    assert not np.array_equal(other.X_val_raw, ds.X_val_raw)
+    # The test split is the same with or without a validation split.
+    plain = make_dataset("moons", n_samples=400, noise=0.2, seed=3)
+    assert np.array_equal(plain.X_test_raw, ds.X_test_raw) and plain.X_val is None
+    # Standardised with the statistics of the training rows only.
+    assert np.allclose(ds.mean, ds.X_train_raw.mean(axis=0))
+    assert np.allclose(ds.X_val, (ds.X_val_raw - ds.mean) / ds.std)
+    assert set(np.unique(ds.y_val)) == {0, 1}  # stratified: both classes
+    counts = ds.to_frame()["split"].value_counts().to_dict()
+    assert counts == {"train": 225, "val": 75, "test": 100}
+
+
+@pytest.mark.parametrize(("fraction", "message"), [
+    (-0.1, r"^val_fraction=-0\.1: must be a number in \[0, 1\)"),
+    (1.0, r"^val_fraction=1\.0: must be a number in \[0, 1\)"),
+    (0.999, r"^val_fraction=0\.999: 75 of the 75 training rows would be held out, leaving 0"),
+])
+def test_a_validation_split_that_leaves_no_training_rows_is_refused(fraction, message):
+    with pytest.raises(ValueError, match=message) as err:
+        make_dataset("moons", n_samples=100, val_fraction=fraction)
+    assert "\n" not in str(err.value)

@@ -224,7 +224,7 @@ BAD_INPUTS = [
     ("hidden_empty", ("model.hidden_sizes=[]",), "model.hidden_sizes", "non-empty"),
     ("test_fraction_1", ("dataset.test_fraction=1",), "dataset.test_fraction", "(0, 1)"),
     ("batch_zero", ("trainer.batch_size=0",), "trainer.batch_size", ">= 1"),
-    ("batch_over_data", ("trainer.batch_size=400",), "trainer.batch_size", "at most 375"),
+    ("batch_over_data", ("trainer.batch_size=400",), "trainer.batch_size", "at most 300"),
     ("noise_negative", ("dataset.noise=-0.1",), "dataset.noise", ">= 0"),
     ("n_samples_too_small", ("dataset.n_samples=3",), "dataset.n_samples", "at least 5"),
     ("unknown_activation", ("model.activation=swish",), "model.activation", "tanh"),

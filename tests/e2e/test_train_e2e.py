@@ -207,7 +207,7 @@ def test_artifacts_plots_gif_config_summary_data(default_run, in_process, tmp_pa
     expected = in_process.dataset.to_frame()
     np.testing.assert_allclose(frame[["x1", "x2"]].to_numpy(), expected[["x1", "x2"]].to_numpy())
     assert frame["label"].tolist() == expected["label"].tolist()
-    assert frame["split"].value_counts().to_dict() == {"train": 375, "test": 125}
+    assert frame["split"].value_counts().to_dict() == {"train": 300, "val": 75, "test": 125}
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def test_reference_circles_2_3_1_sigmoid_bce():
     model = MLP([2, 3, 1], activation="sigmoid", output="sigmoid", seed=0)
     history = fit(
         model, ds.X_train, ds.y_train, loss="bce", optimizer=_sgd(1.0), epochs=2000,
-        X_val=ds.X_test, y_val=ds.y_test, eval_every=100, diagnostics=False,
+        X_test=ds.X_test, y_test=ds.y_test, eval_every=100, diagnostics=False,
     )
     # Measured: 0.977 train, 0.98 test.
     assert history.metrics["train/accuracy"][-1] >= 0.9
@@ -78,7 +78,7 @@ def test_reference_quadrants_2_3_2_leaky_relu_online(model_seed):
     before = np.mean(model.predict(ds.X_test) == ds.y_test)
     history = fit(
         model, ds.X_train, ds.y_train, loss="mse", optimizer=_sgd(0.05), epochs=300,
-        batch_size=1, seed=0, X_val=ds.X_test, y_val=ds.y_test, eval_every=50,
+        batch_size=1, seed=0, X_test=ds.X_test, y_test=ds.y_test, eval_every=50,
         diagnostics=False,
     )
     after = history.metrics["test/accuracy"][-1]
@@ -204,11 +204,13 @@ def test_callbacks_receive_epoch_and_documented_metrics(moons):
     calls = []
     history = fit(
         model, moons.X_train, moons.y_train, loss="bce", optimizer=_sgd(0.1), epochs=3,
-        batch_size=32, X_val=moons.X_test, y_val=moons.y_test,
+        batch_size=32, X_val=moons.X_test[:25], y_val=moons.y_test[:25],
+        X_test=moons.X_test[25:], y_test=moons.y_test[25:],
         callbacks=[lambda epoch, metrics: calls.append((epoch, dict(metrics)))],
     )
     assert [epoch for epoch, _ in calls] == [1, 2, 3] == history.epochs
-    expected = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"}
+    expected = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss",
+                "test/accuracy", "lr"}
     expected |= {f"grad_norm/layer_{i}" for i in range(1, 6)}
     expected |= {f"update_ratio/layer_{i}" for i in range(1, 6)}
     expected |= {"dead_fraction/layer_1", "dead_fraction/layer_4"}  # relu family
@@ -301,7 +303,7 @@ def _overfitting_run(patience, restore_best=True, epochs=120):
 
 def test_early_stopping_stops_and_restores_the_best_params():
     model, history, snapshots = _overfitting_run(patience=5)
-    val = history.metrics["test/loss"]
+    val = history.metrics["val/loss"]
     best = history.epochs[int(np.argmin(val))]
     assert history.stopped_early
     assert history.best_epoch == best
@@ -329,7 +331,7 @@ def test_best_epoch_is_tracked_with_validation_data_alone(moons):
     model = MLP([2, 4, 1], activation="tanh", seed=0)
     history = fit(model, moons.X_train, moons.y_train, loss="bce", optimizer=_sgd(0.5),
                   epochs=5, X_val=moons.X_test, y_val=moons.y_test)
-    assert history.best_epoch == history.epochs[int(np.argmin(history.metrics["test/loss"]))]
+    assert history.best_epoch == history.epochs[int(np.argmin(history.metrics["val/loss"]))]
     assert not history.stopped_early
 
 
@@ -368,10 +370,29 @@ def test_eval_every(moons):
     assert all(len(v) == 4 for v in history.metrics.values())
 
 
+def test_early_stopping_selects_on_validation_and_only_reports_test(moons):
+    """The test split never decides: early stopping and the kept epoch follow val/loss,
+    and giving test data changes no parameter."""
+    def train(**held_out):
+        model = MLP([2, 8, 1], activation="tanh", seed=0, dtype="float64")
+        history = fit(model, moons.X_train, moons.y_train, loss="bce", optimizer=_sgd(0.5),
+                      epochs=60, X_val=moons.X_test[:25], y_val=moons.y_test[:25],
+                      patience=3, **held_out)
+        return model, history
+
+    with_test, history = train(X_test=moons.X_test[25:], y_test=moons.y_test[25:])
+    without, plain = train()
+    assert np.array_equal(with_test.params, without.params)
+    assert history.epochs == plain.epochs and history.best_epoch == plain.best_epoch
+    val = history.metrics["val/loss"]
+    assert history.best_epoch == history.epochs[int(np.argmin(val))]
+    assert "test/loss" in history.metrics and "test/loss" not in plain.metrics
+
+
 def test_history_columns_and_last(moons):
     model = MLP([2, 4, 1], activation="tanh", seed=0)
     history = fit(model, moons.X_train, moons.y_train, loss="bce", optimizer=_sgd(),
-                  epochs=4, X_val=moons.X_test, y_val=moons.y_test, eval_every=2)
+                  epochs=4, X_test=moons.X_test, y_test=moons.y_test, eval_every=2)
     assert history.epochs == [2, 4]
     # One list per metric, one value per evaluated epoch: a table as pandas reads it
     # (pd.DataFrame(history.metrics, index=history.epochs)).
@@ -391,7 +412,7 @@ def test_float32_and_float64_training_agree(moons):
         model = MLP([2, 8, 1], activation="tanh", seed=0, dtype=dtype)
         history = fit(model, moons.X_train, moons.y_train, loss="bce",
                       optimizer=make_optimizer("sgd", lr=0.2), epochs=10, batch_size=30,
-                      seed=0, X_val=moons.X_test, y_val=moons.y_test)
+                      seed=0, X_test=moons.X_test, y_test=moons.y_test)
         assert model.params.dtype == np.dtype(dtype)
         runs[dtype] = (model.params.astype(np.float64), history)
     p64, h64 = runs["float64"]

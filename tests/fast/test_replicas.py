@@ -132,7 +132,7 @@ def test_summary_holds_mean_and_spread_of_every_metric():
     X, y = _data()
     reps = ReplicaMLP([2, 5, 1], activation="relu", seed=0, n_replicas=4)
     seen = []
-    hist = fit_replicas(reps, X, y, loss="bce", optimizer="adam", epochs=3, X_val=X, y_val=y,
+    hist = fit_replicas(reps, X, y, loss="bce", optimizer="adam", epochs=3, X_test=X, y_test=y,
                         callbacks=[lambda e, m: seen.append((e, m))])
     assert isinstance(hist, ReplicaHistory) and len(hist.replicas) == 4
     keys = list(hist.replicas[0].metrics)

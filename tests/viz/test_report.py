@@ -35,6 +35,8 @@ def _runs_frame(rows: list[dict]) -> pd.DataFrame:
             "params.model.hidden_sizes": json.dumps(r["sizes"]),
             "params.optimizer.lr": json.dumps(r["lr"]),
             "metrics.test/accuracy": r.get("acc", 0.9), "metrics.test/loss": r.get("loss", 0.3),
+            "metrics.val/accuracy": r.get("acc", 0.9),
+            "metrics.val/loss": r.get("val_loss", r.get("loss", 0.3)),
             "metrics.train/accuracy": 0.9, "metrics.train/loss": 0.3,
             "tags.sweep.job": str(r["job"]), "tags.mlflow.runName": f"run{i}",
             "tags.failure_reason": r.get("reason"),
@@ -89,9 +91,15 @@ def test_search_table_rows_follow_the_trial_number():
     assert table["job"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_best_is_the_lowest_final_test_loss_of_a_finished_job():
+def test_best_is_the_lowest_final_validation_loss_of_a_finished_job():
     table = report.sweep_table(_runs_frame(GRID), SWEPT)
     assert report.pick_best(table) == "r0"  # job 3: loss 0.10
+    # Chosen on validation, never on test: a job with the lowest test loss but a worse
+    # validation loss is not the best.
+    rows = [dict(GRID[0], val_loss=0.5), *GRID[1:]]
+    table = report.sweep_table(_runs_frame(rows), SWEPT)
+    assert report.pick_best(table) != "r0"
+    assert report.pick_best(table) == report.pick_best(table, "val/loss", "min")
     assert report.pick_best(table, "test/accuracy", "max") == "r0"
     failed_only = table.assign(status="FAILED")
     assert report.pick_best(failed_only) is None
@@ -172,7 +180,9 @@ def _fill_store(uri: str, tmp_path, grid=GRID, with_models: bool = True) -> tupl
         for epoch in (1, 2, 3):  # the last epoch's values are the final ones
             scale = 1.0 if epoch == 3 else 1.5
             child.log_metrics({"test/accuracy": job["acc"] / scale,
-                               "test/loss": job["loss"] * scale}, step=epoch)
+                               "test/loss": job["loss"] * scale,
+                               "val/accuracy": job["acc"] / scale,
+                               "val/loss": job["loss"] * scale}, step=epoch)
         if with_models and job.get("status", "FINISHED") == "FINISHED":
             model = MLP([2, *job["sizes"], 1], activation="tanh", output="sigmoid", seed=i)
             # Where the pyfunc model of pipeline.app.job keeps its weights.
@@ -313,7 +323,7 @@ def test_boundaries_find_every_jobs_logged_model_in_one_search(tmp_path, new_sto
         child = tracking.RunTracker(uri, spool_root=tmp_path / "spool")
         child.start(experiment, f"job{job}", params={"optimizer": {"lr": lr}},
                     tags={report.TAG_JOB: str(job)}, parent_run_id=parent.run_id)
-        child.log_metrics({"test/loss": 0.1 * (job + 1)}, step=1)
+        child.log_metrics({"test/loss": 0.1 * (job + 1), "val/loss": 0.1 * (job + 1)}, step=1)
         model = MLP([2, 4, 1], activation="tanh", output="sigmoid", seed=job)
         if job == 1:  # an earlier model of the same run: the newer one is the job's
             child.log_model(MLP([2, 4, 1], activation="tanh", output="sigmoid", seed=99), X[:3])
