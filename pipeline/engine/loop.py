@@ -66,6 +66,8 @@ class DivergenceError(RuntimeError):
 class History:
     """Per-epoch metrics of one training run.
 
+    ``pandas.DataFrame(history.metrics, index=history.epochs)`` makes a table of it.
+
     Attributes
     ----------
     epochs : list of int
@@ -111,12 +113,6 @@ class History:
         if patience is None or self.best_epoch is None or not self.epochs:
             return None
         return self.best_epoch if self.best_epoch != self.epochs[-1] else None
-
-    def to_frame(self):
-        """The history as a pandas DataFrame indexed by epoch."""
-        import pandas as pd
-
-        return pd.DataFrame(self.metrics, index=pd.Index(self.epochs, name="epoch"))
 
     def __len__(self) -> int:
         return len(self.epochs)

@@ -1,7 +1,7 @@
 """Many networks per run: K replicas of one architecture trained side by side.
 
 A small network trained once says little: another seed can move its accuracy by
-several points. :func:`fit_replicas` trains ``K`` independently initialised copies
+several points. ``pipeline.fast.fit_replicas`` trains ``K`` independently initialised copies
 (seeds ``seed .. seed + K - 1``, optionally one learning rate each) on the same data, in
 one vectorised pass, so that a run reports the mean and the spread of every metric.
 
@@ -21,7 +21,7 @@ together, as the products want them:
 - layers 2..L as ``(K, fan_in + 1, fan_out)``, replica ``k``'s ``[W_l; b_l]``: one
   batched product over the replicas.
 
-Values are units-major, as in :class:`pipeline.engine.mlp._Workspace`: a layer's values are one
+Values are units-major, as in :class:`pipeline.fast.workspace.Workspace`: a layer's values are one
 C-ordered ``(width, K, n)`` array (unit, replica, sample), and a layer's input carries
 its row of ones (the bias) as ``(width + 1, K, n)``, the ones last, so its values are
 one contiguous block. Every elementwise step (activation, derivative) is then one numpy
@@ -438,7 +438,7 @@ class _ReplicaWorkspace:
       n=1000). A hidden one-unit layer, whose delta its activation rule needs
       contiguous, takes the broadcast multiply.
 
-    As in :class:`pipeline.engine.mlp._Workspace` every numpy call of a step is bound once
+    As in :class:`pipeline.fast.workspace.Workspace` every numpy call of a step is bound once
     (:meth:`train_program`) and a hidden relu, sigmoid or tanh layer runs in place.
     """
 

@@ -368,18 +368,16 @@ def test_eval_every(moons):
     assert all(len(v) == 4 for v in history.metrics.values())
 
 
-def test_history_to_frame_and_last(moons):
+def test_history_at_and_last(moons):
     model = MLP([2, 4, 1], activation="tanh", seed=0)
     history = fit(model, moons.X_train, moons.y_train, loss="bce", optimizer=_sgd(),
                   epochs=4, X_val=moons.X_test, y_val=moons.y_test, eval_every=2)
-    frame = history.to_frame()
-    assert frame.index.name == "epoch"
-    assert list(frame.index) == [2, 4]
-    assert set(frame.columns) == set(history.metrics)
-    assert frame.loc[4, "test/loss"] == history.metrics["test/loss"][-1]
+    assert history.epochs == [2, 4]
+    assert all(len(values) == 2 for values in history.metrics.values())
+    assert history.at(4)["test/loss"] == history.metrics["test/loss"][-1]
     assert history.last()["train/loss"] == history.metrics["train/loss"][-1]
     assert len(history) == 2
-    assert len(History()) == 0 and History().to_frame().empty
+    assert len(History()) == 0 and History().last() == {}
 
 
 # -------------------------------------------------------------------- precision
