@@ -81,6 +81,7 @@ class CompiledStepper(Stepper):
         self.data: Array | None = None  # the X the programs are bound to
         self.workspaces: dict[int, Workspace] = {}
         self.records: dict[bool, OutputRecord] = {}
+        self.recording: OutputRecord | None = None  # the tracked epoch's, while it runs
         self.in_use = False
         self.start = 0  # first row of the running batch, for the observing programs
 

@@ -324,13 +324,11 @@ class ReplicaMLP:
     # 5 17.7 -> 12.1 ms, measured with blocks of 256 to 10,000 rows).
     EVAL_BLOCK_VALUES = 2**17
 
-    def _outputs(self, X: Array, fractions: _UnitFractions | None = None
-                 ) -> tuple[Array, Array]:
+    def _outputs(self, X: Array) -> tuple[Array, Array]:
         """Output pre-activations and activations of every replica on checked ``X``,
         ``(n_outputs, K, n)`` each, from ``params``, computed block by block of rows.
 
-        ``fractions`` counts the hidden values of each block. With one block the arrays
-        are the workspace's, valid until its next pass.
+        With one block the arrays are the workspace's, valid until its next pass.
         """
         np.take(self.params, self._order, out=self._P, mode="clip")
         n = X.shape[0]
@@ -340,8 +338,6 @@ class ReplicaMLP:
             stop = min(start + rows, n)
             ws = self._workspace(stop - start)
             ws.forward(X[start:stop])
-            if fractions is not None:
-                fractions.add(ws.A)
             if stop - start == n:
                 return ws.Z[-1], ws.A[-1]
             if Z is None:
@@ -674,21 +670,39 @@ class ReplicaHistory(History):
 class _ReplicaRecord:
     """The replicas' outputs (and hidden values) of one epoch's forward passes, as
     :class:`pipeline.engine.loop.OutputRecord` keeps them for one network: units-major,
-    ``(width, K, n)``."""
+    ``(width, K, n)``. An epoch of one step has its hidden values counted at once
+    (:class:`_UnitFractions`) instead of kept."""
 
     def __init__(self, model: ReplicaMLP, n: int, hidden: bool) -> None:
         K, dt = model.n_replicas, model.dtype
+        self.model, self.n, self.hidden = model, n, hidden
         self.z = np.empty((model.n_outputs, K, n), dtype=dt)
         self.a = np.empty_like(self.z)
-        widths = model.sizes[1:-1] if hidden else []
-        self.hidden = [np.empty((w, K, n), dtype=dt) for w in widths]
+        self.kept: list[Array] | None = None
+        self.fractions: _UnitFractions | None = None
 
     def add(self, start: int, z: Array, a: Array, hidden: Sequence[Array] = ()) -> None:
         stop = start + z.shape[2]
         self.z[:, :, start:stop] = z
         self.a[:, :, start:stop] = a
-        for kept, values in zip(self.hidden, hidden, strict=False):
+        if not self.hidden:
+            return
+        if stop - start == self.n:
+            self.fractions = _UnitFractions(self.model)
+            self.fractions.add([None, *hidden, a])
+            return
+        if self.kept is None:
+            K, dt = self.model.n_replicas, self.model.dtype
+            self.kept = [np.empty((w, K, self.n), dtype=dt) for w in self.model.sizes[1:-1]]
+        for kept, values in zip(self.kept, hidden, strict=True):
             kept[:, :, start:stop] = values
+
+    def unit_fractions(self) -> dict[str, Array]:
+        if self.kept is None:
+            return self.fractions.result()
+        fractions = _UnitFractions(self.model)
+        fractions.add([None, *self.kept, self.a])
+        return fractions.result()
 
 
 class ReplicaStepper(Stepper):
@@ -729,6 +743,7 @@ class ReplicaStepper(Stepper):
         self.data: Array | None = None
         self.in_use = False
         self.records: dict[bool, _ReplicaRecord] = {}
+        self.recording: _ReplicaRecord | None = None  # the tracked epoch's, while it runs
         self.start = 0
 
     def _bind(self, X: Array, T: Array, labels: Array) -> None:
@@ -841,9 +856,7 @@ class ReplicaStepper(Stepper):
         out["train/loss"], out["train/accuracy"] = _scores(self.model, self.loss, record.z,
                                                            record.a, T, labels)
         if record.hidden:
-            fractions = _UnitFractions(self.model)
-            fractions.add([None, *record.hidden, record.a])
-            out.update(fractions.result())
+            out.update(record.unit_fractions())
         return out
 
     def evaluate(self, X: Array, T: Array, labels: Array) -> tuple[Array, Array]:
