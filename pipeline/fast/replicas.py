@@ -53,7 +53,7 @@ from pipeline.engine.loop import (
 from pipeline.engine.losses import Loss, scores_to_proba
 from pipeline.engine.mlp import MLP
 from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_schedule
-from pipeline.fast.compile import DEFINED_STEP, ShuffledViews
+from pipeline.fast.compile import DEFINED_STEP, Observer, ShuffledViews
 from pipeline.fast.kernels import backward_program, const, forward_program, fused_delta_kind
 from pipeline.fast.workspace import arena, assign
 
@@ -743,8 +743,7 @@ class ReplicaStepper(Stepper):
         self.data: Array | None = None
         self.in_use = False
         self.records: dict[bool, _ReplicaRecord] = {}
-        self.recording: _ReplicaRecord | None = None  # the tracked epoch's, while it runs
-        self.start = 0
+        self.observer = Observer()
 
     def _bind(self, X: Array, T: Array, labels: Array) -> None:
         model, optimizer = self.model, self.optimizer
@@ -769,17 +768,13 @@ class ReplicaStepper(Stepper):
             observed: [
                 (start, model._workspace(xb.shape[0]).train_program(
                     xb, xbT, tb, self.loss, update, pack, unpack,
-                    partial(self._observe, model._workspace(xb.shape[0])) if observed
+                    partial(self.observer, model._workspace(xb.shape[0])) if observed
                     else None))
                 for (start, xb, tb), xbT in zip(self.batches.views, self.batches.views_T,
                                                 strict=True)]
             for observed in (False, True)
         }
         self.data = X
-
-    def _observe(self, ws: _ReplicaWorkspace) -> None:
-        hidden = ws.A[1:-1] if self.recording.hidden else ()
-        self.recording.add(self.start, ws.Z[-1], ws.A[-1], hidden)
 
     def set_epoch(self, epoch: int) -> None:
         optimizer, model = self.optimizer, self.model
@@ -816,9 +811,10 @@ class ReplicaStepper(Stepper):
             self.in_use = True
         self.batches.shuffle(order)
         if track:
-            self.recording = self.records.get(hidden)
-            if self.recording is None:
-                self.recording = self.records[hidden] = _ReplicaRecord(m, X.shape[0], hidden)
+            record = self.records.get(hidden)
+            if record is None:
+                record = self.records[hidden] = _ReplicaRecord(m, X.shape[0], hidden)
+            self.observer.record = record
         steps = self.steps[track]
         last = len(steps) - 1
         for k, (start, run) in enumerate(steps):
@@ -827,10 +823,10 @@ class ReplicaStepper(Stepper):
                     np.take(m._P, m._inverse, out=previous, mode="clip")
                 else:
                     previous[...] = m.params
-            self.start = start
+            self.observer.start = start
             run()
         if track:
-            self.last = (self.recording, *self.batches.epoch_targets())
+            self.last = (self.observer.record, *self.batches.epoch_targets())
 
     def sync(self) -> None:
         if self.in_use:
