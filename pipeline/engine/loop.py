@@ -66,6 +66,8 @@ class DivergenceError(RuntimeError):
 class History:
     """Per-epoch metrics of one training run.
 
+    ``pandas.DataFrame(history.metrics, index=history.epochs)`` makes a table of it.
+
     Attributes
     ----------
     epochs : list of int
@@ -233,10 +235,11 @@ class OutputRecord:
 class Stepper:
     """The training steps of one run, as :func:`fit` drives them.
 
-    Per epoch :func:`fit` calls :meth:`set_epoch` and :meth:`epoch`, then
-    :meth:`check_params`; on evaluated epochs :meth:`sync` (the model's arrays are then
-    up to date), :meth:`train_metrics`, :meth:`evaluate` on the validation data and
-    :meth:`diagnostics`; at the end, also after an error, :meth:`close`.
+    Per epoch :func:`fit` calls :meth:`set_epoch`, :meth:`epoch` and
+    :meth:`check_params`; on evaluated epochs first :meth:`sync` (the model's arrays are
+    then up to date) and :meth:`train_metrics` (checked by :meth:`check_metrics`), then
+    :meth:`evaluate` on the validation data and :meth:`diagnostics`, and :meth:`record`
+    the result; at the end, also after an error, :meth:`close`.
 
     The methods here serve any stepper of one :class:`MLP`; a stepper of several
     networks (:mod:`pipeline.fast.replicas`) returns arrays of per-network values and
@@ -246,7 +249,9 @@ class Stepper:
     def __init__(self, model: MLP, loss: Loss, optimizer: Optimizer, batch_size: int) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.batch_size = batch_size
+        # The last tracked epoch: its record, and the targets and labels in its row order.
         self.last: tuple[OutputRecord, Array, Array] | None = None
+        self.layer_of: Array | None = None  # each parameter's layer, for the norms
 
     def set_epoch(self, epoch: int) -> None:
         self.optimizer.set_epoch(epoch)
@@ -296,7 +301,7 @@ class Stepper:
         """Per layer, the gradient norm and the size of the epoch's last update relative
         to the weights (``previous``: the parameters before it)."""
         model, out = self.model, {}
-        if getattr(self, "layer_of", None) is None:
+        if self.layer_of is None:
             self.layer_of = layer_of_params(model)
         L, layer_of = model.n_layers, self.layer_of
         norms = zip(layer_norms(model.grad, layer_of, L).tolist(),

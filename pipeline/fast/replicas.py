@@ -1,7 +1,7 @@
 """Many networks per run: K replicas of one architecture trained side by side.
 
 A small network trained once says little: another seed can move its accuracy by
-several points. :func:`fit_replicas` trains ``K`` independently initialised copies
+several points. ``pipeline.fast.fit_replicas`` trains ``K`` independently initialised copies
 (seeds ``seed .. seed + K - 1``, optionally one learning rate each) on the same data, in
 one vectorised pass, so that a run reports the mean and the spread of every metric.
 
@@ -21,7 +21,7 @@ together, as the products want them:
 - layers 2..L as ``(K, fan_in + 1, fan_out)``, replica ``k``'s ``[W_l; b_l]``: one
   batched product over the replicas.
 
-Values are units-major, as in :class:`pipeline.engine.mlp._Workspace`: a layer's values are one
+Values are units-major, as in :class:`pipeline.fast.workspace.Workspace`: a layer's values are one
 C-ordered ``(width, K, n)`` array (unit, replica, sample), and a layer's input carries
 its row of ones (the bias) as ``(width + 1, K, n)``, the ones last, so its values are
 one contiguous block. Every elementwise step (activation, derivative) is then one numpy
@@ -53,7 +53,7 @@ from pipeline.engine.loop import (
 from pipeline.engine.losses import Loss, scores_to_proba
 from pipeline.engine.mlp import MLP
 from pipeline.engine.optim import OPTIMIZERS, Optimizer, make_schedule
-from pipeline.fast.compile import DEFINED_STEP, ShuffledViews
+from pipeline.fast.compile import DEFINED_STEP, Observer, ShuffledViews
 from pipeline.fast.kernels import backward_program, const, forward_program, fused_delta_kind
 from pipeline.fast.workspace import arena, assign
 
@@ -324,13 +324,11 @@ class ReplicaMLP:
     # 5 17.7 -> 12.1 ms, measured with blocks of 256 to 10,000 rows).
     EVAL_BLOCK_VALUES = 2**17
 
-    def _outputs(self, X: Array, fractions: _UnitFractions | None = None
-                 ) -> tuple[Array, Array]:
+    def _outputs(self, X: Array) -> tuple[Array, Array]:
         """Output pre-activations and activations of every replica on checked ``X``,
         ``(n_outputs, K, n)`` each, from ``params``, computed block by block of rows.
 
-        ``fractions`` counts the hidden values of each block. With one block the arrays
-        are the workspace's, valid until its next pass.
+        With one block the arrays are the workspace's, valid until its next pass.
         """
         np.take(self.params, self._order, out=self._P, mode="clip")
         n = X.shape[0]
@@ -340,8 +338,6 @@ class ReplicaMLP:
             stop = min(start + rows, n)
             ws = self._workspace(stop - start)
             ws.forward(X[start:stop])
-            if fractions is not None:
-                fractions.add(ws.A)
             if stop - start == n:
                 return ws.Z[-1], ws.A[-1]
             if Z is None:
@@ -438,7 +434,7 @@ class _ReplicaWorkspace:
       n=1000). A hidden one-unit layer, whose delta its activation rule needs
       contiguous, takes the broadcast multiply.
 
-    As in :class:`pipeline.engine.mlp._Workspace` every numpy call of a step is bound once
+    As in :class:`pipeline.fast.workspace.Workspace` every numpy call of a step is bound once
     (:meth:`train_program`) and a hidden relu, sigmoid or tanh layer runs in place.
     """
 
@@ -674,21 +670,39 @@ class ReplicaHistory(History):
 class _ReplicaRecord:
     """The replicas' outputs (and hidden values) of one epoch's forward passes, as
     :class:`pipeline.engine.loop.OutputRecord` keeps them for one network: units-major,
-    ``(width, K, n)``."""
+    ``(width, K, n)``. An epoch of one step has its hidden values counted at once
+    (:class:`_UnitFractions`) instead of kept."""
 
     def __init__(self, model: ReplicaMLP, n: int, hidden: bool) -> None:
         K, dt = model.n_replicas, model.dtype
+        self.model, self.n, self.hidden = model, n, hidden
         self.z = np.empty((model.n_outputs, K, n), dtype=dt)
         self.a = np.empty_like(self.z)
-        widths = model.sizes[1:-1] if hidden else []
-        self.hidden = [np.empty((w, K, n), dtype=dt) for w in widths]
+        self.kept: list[Array] | None = None
+        self.fractions: _UnitFractions | None = None
 
     def add(self, start: int, z: Array, a: Array, hidden: Sequence[Array] = ()) -> None:
         stop = start + z.shape[2]
         self.z[:, :, start:stop] = z
         self.a[:, :, start:stop] = a
-        for kept, values in zip(self.hidden, hidden, strict=False):
+        if not self.hidden:
+            return
+        if stop - start == self.n:
+            self.fractions = _UnitFractions(self.model)
+            self.fractions.add([None, *hidden, a])
+            return
+        if self.kept is None:
+            K, dt = self.model.n_replicas, self.model.dtype
+            self.kept = [np.empty((w, K, self.n), dtype=dt) for w in self.model.sizes[1:-1]]
+        for kept, values in zip(self.kept, hidden, strict=True):
             kept[:, :, start:stop] = values
+
+    def unit_fractions(self) -> dict[str, Array]:
+        if self.kept is None:
+            return self.fractions.result()
+        fractions = _UnitFractions(self.model)
+        fractions.add([None, *self.kept, self.a])
+        return fractions.result()
 
 
 class ReplicaStepper(Stepper):
@@ -729,7 +743,7 @@ class ReplicaStepper(Stepper):
         self.data: Array | None = None
         self.in_use = False
         self.records: dict[bool, _ReplicaRecord] = {}
-        self.start = 0
+        self.observer = Observer()
 
     def _bind(self, X: Array, T: Array, labels: Array) -> None:
         model, optimizer = self.model, self.optimizer
@@ -754,17 +768,13 @@ class ReplicaStepper(Stepper):
             observed: [
                 (start, model._workspace(xb.shape[0]).train_program(
                     xb, xbT, tb, self.loss, update, pack, unpack,
-                    partial(self._observe, model._workspace(xb.shape[0])) if observed
+                    partial(self.observer, model._workspace(xb.shape[0])) if observed
                     else None))
                 for (start, xb, tb), xbT in zip(self.batches.views, self.batches.views_T,
                                                 strict=True)]
             for observed in (False, True)
         }
         self.data = X
-
-    def _observe(self, ws: _ReplicaWorkspace) -> None:
-        hidden = ws.A[1:-1] if self.recording.hidden else ()
-        self.recording.add(self.start, ws.Z[-1], ws.A[-1], hidden)
 
     def set_epoch(self, epoch: int) -> None:
         optimizer, model = self.optimizer, self.model
@@ -801,9 +811,10 @@ class ReplicaStepper(Stepper):
             self.in_use = True
         self.batches.shuffle(order)
         if track:
-            self.recording = self.records.get(hidden)
-            if self.recording is None:
-                self.recording = self.records[hidden] = _ReplicaRecord(m, X.shape[0], hidden)
+            record = self.records.get(hidden)
+            if record is None:
+                record = self.records[hidden] = _ReplicaRecord(m, X.shape[0], hidden)
+            self.observer.record = record
         steps = self.steps[track]
         last = len(steps) - 1
         for k, (start, run) in enumerate(steps):
@@ -812,10 +823,10 @@ class ReplicaStepper(Stepper):
                     np.take(m._P, m._inverse, out=previous, mode="clip")
                 else:
                     previous[...] = m.params
-            self.start = start
+            self.observer.start = start
             run()
         if track:
-            self.last = (self.recording, *self.batches.epoch_targets())
+            self.last = (self.observer.record, *self.batches.epoch_targets())
 
     def sync(self) -> None:
         if self.in_use:
@@ -841,9 +852,7 @@ class ReplicaStepper(Stepper):
         out["train/loss"], out["train/accuracy"] = _scores(self.model, self.loss, record.z,
                                                            record.a, T, labels)
         if record.hidden:
-            fractions = _UnitFractions(self.model)
-            fractions.add([None, *record.hidden, record.a])
-            out.update(fractions.result())
+            out.update(record.unit_fractions())
         return out
 
     def evaluate(self, X: Array, T: Array, labels: Array) -> tuple[Array, Array]:

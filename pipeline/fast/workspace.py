@@ -122,8 +122,6 @@ class Workspace:
         self.forward_ops = self._forward_ops()
         self.G = None  # the backward buffers and program, built with the first step
         self._backward = None
-        self._loss = None
-        self._step_ops: list = []
 
     def _forward_ops(self, blocks: list[Array] | None = None) -> list:
         """The forward pass's calls; ``blocks``: read ``[W_l; b_l]`` from these arrays
@@ -277,47 +275,18 @@ class Workspace:
                 ops += backward_program(act, Z_prev, A_prev, G_prev, S)
         return ops
 
-    def load(self, X: Array) -> None:
-        """Copy the batch into the first columns of ``[X, 1]``."""
-        self.A[0] = X
-        self.x_in[...] = X
-
     def forward(self, X: Array) -> None:
         """Run the forward pass on ``X`` (``n`` rows) into ``Z`` and ``A``."""
-        self.load(X)
-        for op in self.forward_ops:
-            op()
-
-    def value_and_grad(self, X: Array, T: Array, loss: Loss, compute_value: bool) -> float:
-        """Forward pass, output gradient and backward pass: the model's flat gradient."""
-        if loss is not self._loss:
-            self._compile(loss)
         self.A[0] = X
         self.x_in[...] = X
-        self.t_in[...] = T
-        for op in self._step_ops:
+        for op in self.forward_ops:
             op()
-        return loss.value(self.Z[-1], self.A[-1], T) if compute_value else float("nan")
-
-    def _compile(self, loss: Loss) -> None:
-        """The step program for ``loss``: forward, fused output gradient, backward."""
-        if self._backward is None:
-            self._backward = self._backward_ops()
-        self._step_ops = [*self.forward_ops, *self._delta_ops(loss), *self._backward]
-        self._loss = loss
 
     def _delta_ops(self, loss: Loss) -> list:
         if self.G is None:
             self._grad_buffers()
         return delta_program(loss, self.acts[-1], self.Z[-1], self.A[-1], self.t_in,
                              self.G[-1])
-
-    def backward(self) -> None:
-        """Fill the model's flat gradient from ``G[-1] = dLoss/dZ_L`` by the chain rule."""
-        if self._backward is None:
-            self._backward = self._backward_ops()
-        for op in self._backward:
-            op()
 
     def train_program(self, loss: Loss, update: list,
                       packed: tuple[Array, Array] | None = None,

@@ -400,7 +400,7 @@ def test_history_columns_and_last(moons):
     assert history.at(4)["test/loss"] == history.metrics["test/loss"][-1]
     assert history.last()["train/loss"] == history.metrics["train/loss"][-1]
     assert len(history) == 2
-    assert len(History()) == 0 and History().metrics == {}
+    assert len(History()) == 0 and History().metrics == {} and History().last() == {}
 
 
 # -------------------------------------------------------------------- precision

@@ -394,3 +394,23 @@ def test_a_large_workspace_block_is_reused_by_the_next_model_until_released():
     assert any(b.nbytes > 64 << 20 for b in spare_blocks.free)
     release_spare_memory()
     assert spare_blocks.free == [] and spare_blocks.pending == []
+
+
+@pytest.mark.parametrize("batch_size", [None, 50])
+def test_a_finished_fit_gives_its_workspace_memory_back_without_a_gc_pass(batch_size):
+    # The steps hold no reference cycle: when fit() returns, reference counting alone
+    # frees the workspaces, and their memory waits for the next model (fresh memory
+    # costs first-touch page faults: 0.5 s on 100,000 rows of 256 units).
+    import gc
+
+    from pipeline.fast.workspace import release_spare_memory, spare_blocks
+
+    X, y = _data(n=300)
+    release_spare_memory()
+    gc.disable()
+    try:
+        fit(MLP([3, 8, 1], seed=0), X, y, loss="bce", optimizer="adam", epochs=2,
+            batch_size=batch_size)
+        assert spare_blocks.free, "the workspace's block did not come back"
+    finally:
+        gc.enable()
