@@ -680,9 +680,26 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
             _network_pictures(tracker, untrained, dataset, f"{name}: before training", "before")
         if not diverged:
             _network_pictures(tracker, model, dataset, title, "after")
+            _log_evaluation(tracker, model, dataset, step=len(history) and history.epochs[-1])
         if explorer is not None and len(explorer.frames) > 1:
             tracker.log_text(explorer.html(history.metrics, history.epochs, name),
                              "explorer.html")
+
+
+def _log_evaluation(tracker, model: MLP, dataset: Dataset, step: int) -> None:
+    """The test split's confusion matrix, reliability, ROC and precision-recall
+    (``plots/evaluation.png``), every number behind them (``evaluation.json``), and the
+    scalar ones as final ``test/*`` metrics."""
+    from pipeline.viz.evaluation import evaluate_classifier
+
+    proba = model.predict_proba(dataset.X_test)
+    numbers, figure = evaluate_classifier(dataset.y_test, proba,
+                                          [str(c) for c in dataset.classes])
+    tracker.log_figure(figure, "plots/evaluation.png")
+    tracker.log_dict(numbers, "evaluation.json")
+    scalars = ("balanced_accuracy", "log_loss", "brier", "expected_calibration_error",
+               "roc_auc", "average_precision")
+    tracker.log_metrics({f"test/{k}": numbers[k] for k in scalars if k in numbers}, step=step)
 
 
 def _log_config(tracker, config: Mapping[str, Any]) -> None:

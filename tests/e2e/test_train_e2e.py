@@ -187,9 +187,16 @@ def test_artifacts_plots_gif_config_summary_data(default_run, in_process, tmp_pa
     client, run_id = default_run.client, default_run.run_id
     assert set(ARTIFACTS) <= _artifacts(client, run_id)
     local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
-    for png in ("boundary_before", "boundary_after", "curves"):
+    for png in ("boundary_before", "boundary_after", "curves", "evaluation",
+                "neurons_before", "neurons_after", "network_before", "network_after"):
         with Image.open(local / "plots" / f"{png}.png") as img:
             assert img.format == "PNG" and min(img.size) > 100
+    # The test split's evaluation: the numbers behind the figure, and its scalars as metrics.
+    evaluation = json.loads((local / "evaluation.json").read_text())
+    run_metrics = default_run.run.data.metrics
+    assert evaluation["accuracy"] == pytest.approx(run_metrics["test/accuracy"], abs=1e-6)
+    assert run_metrics["test/roc_auc"] == pytest.approx(evaluation["roc_auc"])
+    assert sum(map(sum, evaluation["confusion_matrix"])) == 125
     with Image.open(local / "plots" / "boundary.gif") as gif:
         assert gif.format == "GIF" and gif.n_frames > 2
 
