@@ -70,9 +70,6 @@ def job(cfg: Any) -> float | None:
     validate(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
-    # Imported only now: a bad config fails fast without loading numpy or MLflow.
-    process.ready_for_a_job(tracked=plain["tracking"]["kind"] != "none")
-    from pipeline.app.job import process_age, run
 
     overrides: list[str] = []
     output_dir = None
@@ -93,6 +90,17 @@ def job(cfg: Any) -> float | None:
         kwargs = {"parent_run_id": context.parent_run_id,
                   "experiment_id": context.experiment_id,
                   "tags": {"sweep.job": str(job_num), "sweep.name": context.name}}
+    tracking = plain["tracking"]
+    if tracking["kind"] == "server":
+        # An unreachable server fails in seconds, before the job's imports below (the
+        # job checks again: it may be called without this edge).
+        from pipeline.tracking import stores
+
+        stores.check_reachable(stores.resolve_tracking_uri("server", tracking.get("uri")))
+    # Imported only now: a bad config or server fails fast without loading MLflow.
+    process.ready_for_a_job(tracked=tracking["kind"] != "none")
+    from pipeline.app.job import process_age, run
+
     if multirun and hc.sweeper.get("trial") is not None:
         # A trial of an Optuna search (pipeline.app.search): report to its pruner.
         from pipeline.app.search import store_uri, trial_reporter

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -162,6 +163,32 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C and SIGTERM back while the tracking store is written; the list it
+    yields holds the signals that arrived meanwhile, for the caller to act on after.
+
+    A signal that cuts MLflow's database transaction in the middle prints SQLAlchemy's
+    traceback and can lose or repeat the metrics being sent; sending them takes well
+    under a second, after which the interrupt still ends the run as it should.
+    """
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous = {signum: signal.signal(signum, hold)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux), to report start-up time; else None."""
     try:
@@ -303,9 +330,15 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
     tracker = None
     tracking_uri = None
     if trk["kind"] != "none":
+        # A single run starts when its process did: MLflow then shows the command's
+        # duration, not only what followed the imports and the data.
+        startup = timer.seconds.get("startup")
+        start_ms = None if startup is None else int(1000 * (time.time() - timer.total()
+                                                            - startup))
         with timer("logging"):
             tracker, tracking_uri = _start_tracking(
                 config, name, overrides, output_dir, parent_run_id, experiment_id, tags,
+                start_time=start_ms,
             )
 
     history = History()
@@ -402,13 +435,16 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         for callback in extra_callbacks:
             if hasattr(callback, "run_tags"):
                 tracker.set_tags(callback.run_tags())
-        tracker.flush()  # the metrics can go now, while the plots are drawn
     if replicas is not None:
         # Replica 0 is the run replicas=1 would make: it stands for the run as its model.
         model.set_params(replicas.replica_params(0))
     spool = None
     if tracker is not None:
         try:
+            with _signals_held() as held:
+                tracker.flush()  # the training's metrics, before the slower pictures
+            if held:
+                raise Interrupted(held[0])  # handled below: the pictures are skipped
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 _log_outcome(tracker, timer, config, dataset, model, history, predict_raw,
                              before, animation, status, name, replicas, replica_table,
@@ -429,8 +465,10 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
         finally:
             tracker.log_metrics({f"time/{k}": v for k, v in timer.seconds.items()},
                                 step=0)
-            with timer("logging"):
+            with timer("logging"), _signals_held() as held:
                 spool = tracker.end(status, reason)
+            if held and not isinstance(error, KeyboardInterrupt):
+                error = Interrupted(held[0])  # the run is ended; exit as interrupted
 
     result = RunResult(
         status=status, metrics=metrics, history=history, model=model, dataset=dataset,
@@ -453,7 +491,7 @@ def _run(config, timer, tcfg, trk, overrides, output_dir, parent_run_id, experim
 
 
 def _start_tracking(config, name, overrides, output_dir, parent_run_id,
-                    experiment_id=None, extra_tags=None):
+                    experiment_id=None, extra_tags=None, start_time=None):
     from pipeline.tracking import stores
     from pipeline.tracking import tracker as tracking
 
@@ -471,7 +509,7 @@ def _start_tracking(config, name, overrides, output_dir, parent_run_id,
     tracker = tracking.RunTracker(uri, spool_root=spool)
     try:
         tracker.start(experiment_id, name, params=config, tags=tags,
-                      parent_run_id=parent_run_id)
+                      parent_run_id=parent_run_id, start_time=start_time)
     except KeyboardInterrupt:
         # Interrupted between creating the run and registering its exit hook.
         if tracker.run_id is not None and not tracker.active:

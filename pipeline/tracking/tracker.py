@@ -483,8 +483,12 @@ class RunTracker:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        start_time: int | None = None,
     ) -> str:
         """Create the run (nested under ``parent_run_id`` if given) and log its params.
+
+        ``start_time`` (ms since the epoch, default now) lets a run start when the
+        command did, so that MLflow shows how long the command took.
 
         ``params`` may be nested (a resolved config): it is flattened with
         :func:`flatten_config`. Returns the run id. Raises :class:`TrackingUnavailable`
@@ -501,7 +505,8 @@ class RunTracker:
         started = time.perf_counter()
         try:
             run = self.client.create_run(
-                str(experiment_id), run_name=run_name or None, tags=all_tags
+                str(experiment_id), run_name=run_name or None, tags=all_tags,
+                start_time=start_time,
             )
             self.run_id = run.info.run_id
             self.experiment_id = run.info.experiment_id

@@ -598,3 +598,32 @@ def test_train_py_bad_csv_is_one_line_and_tracks_nothing(tmp_path):
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         experiments = [e.experiment_id for e in client.search_experiments()]
         assert client.search_runs(experiments) == []
+
+
+def test_a_constructor_message_gets_the_config_key():
+    """The library names its argument; the edge puts the config key in front."""
+    from pipeline.app.config import keyed_error
+
+    err = keyed_error(ValueError("lr=-1: must be a positive number"), "optimizer")
+    assert err.key == "optimizer.lr" and str(err) == "optimizer.lr=-1: must be a positive number"
+    # Other arguments the message names get their keys too.
+    err = keyed_error(ValueError("schedule_params.min_lr=0.5: must be <= lr=0.1"), "optimizer")
+    assert str(err) == "optimizer.schedule_params.min_lr=0.5: must be <= optimizer.lr=0.1"
+    # The value as typed in an override: repr's quotes dropped.
+    err = keyed_error(ValueError("path='x.csv': no such file"), "dataset")
+    assert str(err) == "dataset.path=x.csv: no such file"
+    assert keyed_error(ValueError("X contains NaN"), "dataset") is None
+
+
+def test_the_models_arguments_map_to_their_config_keys():
+    from pipeline.app.config import config_keys
+    from pipeline.app.job import MODEL_KEYS
+    from pipeline.engine.mlp import MLP
+
+    with pytest.raises(ConfigError) as info, config_keys("model", MODEL_KEYS):
+        MLP([2, 4, 1], activation="tanh", dtype="float16")
+    assert info.value.key == "trainer.dtype"
+    assert str(info.value).startswith("trainer.dtype=float16: ")
+    with pytest.raises(ConfigError) as info, config_keys("model", MODEL_KEYS):
+        MLP([2, 4, 1], activation="tanh", bias="yes")
+    assert str(info.value).startswith("model.bias=yes: ")

@@ -89,6 +89,7 @@ def default_run(tmp_path_factory, new_store, make_train_runner):
 
     work = tmp_path_factory.mktemp("e2e-default")
     uri = new_store(work / "store")
+    launched_ms = time.time() * 1000
     started = time.perf_counter()
     proc = make_train_runner(work)(f"trainer.epochs={EPOCHS}", env={"MLFLOW_TRACKING_URI": uri})
     seconds = time.perf_counter() - started
@@ -96,7 +97,7 @@ def default_run(tmp_path_factory, new_store, make_train_runner):
     client = MlflowClient(uri)
     run = _one_run(client)
     return SimpleNamespace(uri=uri, work=work, proc=proc, client=client, run=run,
-                           run_id=run.info.run_id, seconds=seconds)
+                           run_id=run.info.run_id, seconds=seconds, launched_ms=launched_ms)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,17 @@ def test_default_run_is_one_finished_run_and_says_how_to_view_it(default_run):
     assert (outputs / ".hydra" / "config.yaml").is_file()
     result = json.loads((outputs / "result.json").read_text())
     assert result["status"] == "FINISHED" and result["run_id"] == default_run.run_id
+
+
+@pytest.mark.slow
+def test_the_run_is_the_command_as_mlflow_shows_it(default_run):
+    """Source is the script the user ran, and the run starts when the command did (its
+    duration in the UI is the command's, not only what followed the imports)."""
+    info, tags = default_run.run.info, default_run.run.data.tags
+    assert tags["mlflow.source.name"].endswith("train.py"), tags["mlflow.source.name"]
+    # /proc's start time ticks in 10 ms; the process starts after the launch.
+    assert default_run.launched_ms - 50 <= info.start_time <= default_run.launched_ms + 2000
+    assert info.end_time <= default_run.launched_ms + 1000 * default_run.seconds
 
 
 @pytest.mark.slow
