@@ -6,7 +6,7 @@
 Each search runs ``train.py +sweep=optuna`` (TPE, seed 0, over the preset's learning rate
 and width x depth) in its own fresh store in a temporary directory, one after the other,
 and the table reports its wall time, how many trials were pruned and the best value the
-study found (the final test loss: see docs/sweeps.md on what the search selects on).
+study found (the final validation loss, the search's objective).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     rows = [search(p, args.trials, args.dataset, args.overrides) for p in ("none", args.pruner)]
     print(f"{args.trials}-trial search on {args.dataset} (TPE, seed 0), one trial at a time")
     print(f"{'pruner':<20}{'wall s':>8}{'complete':>10}{'pruned':>8}{'failed':>8}"
-          f"{'best test/loss':>16}  best trial")
+          f"{'best val/loss':>16}  best trial")
     for r in rows:
         print(f"{r['pruner']:<20}{r['seconds']:>8.1f}{r['complete']:>10}{r['pruned']:>8}"
               f"{r['failed']:>8}{r['best']:>16.4g}  #{r['best_trial']} {r['params']}")

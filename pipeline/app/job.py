@@ -724,6 +724,11 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
                              "explorer.html")
 
 
+#: The evaluation's numbers also logged as metrics ``test/<name>``, once, at the last epoch.
+EVALUATION_SCALARS = ("balanced_accuracy", "log_loss", "brier", "expected_calibration_error",
+                      "roc_auc", "average_precision")
+
+
 def _log_evaluation(tracker, model: MLP, dataset: Dataset, step: int) -> None:
     """The test split's confusion matrix, reliability, ROC and precision-recall
     (``plots/evaluation.png``), every number behind them (``evaluation.json``), and the
@@ -735,9 +740,8 @@ def _log_evaluation(tracker, model: MLP, dataset: Dataset, step: int) -> None:
                                           [str(c) for c in dataset.classes])
     tracker.log_figure(figure, "plots/evaluation.png")
     tracker.log_dict(numbers, "evaluation.json")
-    scalars = ("balanced_accuracy", "log_loss", "brier", "expected_calibration_error",
-               "roc_auc", "average_precision")
-    tracker.log_metrics({f"test/{k}": numbers[k] for k in scalars if k in numbers}, step=step)
+    tracker.log_metrics({f"test/{k}": numbers[k] for k in EVALUATION_SCALARS if k in numbers},
+                        step=step)
 
 
 def _log_config(tracker, config: Mapping[str, Any]) -> None:

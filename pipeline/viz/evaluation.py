@@ -51,6 +51,8 @@ def evaluate_classifier(y_true: np.ndarray, proba: np.ndarray,
     if proba.ndim != 2 or proba.shape[0] != y_true.shape[0] or k < 2:
         raise ValueError(f"proba must be (n, k >= 2) for {y_true.shape[0]} labels; "
                          f"got {proba.shape}")
+    # float32 probabilities sum to 1 only to about 1e-7; scikit-learn warns on that.
+    proba = proba / proba.sum(axis=1, keepdims=True)
     names = [str(c) for c in class_names]
     labels = list(range(k))
     pred = proba.argmax(axis=1)
