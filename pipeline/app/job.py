@@ -718,7 +718,8 @@ def _log_outcome(tracker, timer, config, dataset, model, history, predict_raw, b
             _network_pictures(tracker, untrained, dataset, f"{name}: before training", "before")
         if not diverged:
             _network_pictures(tracker, model, dataset, title, "after")
-            _log_evaluation(tracker, model, dataset, step=len(history) and history.epochs[-1])
+            _log_evaluation(tracker, model, dataset,
+                            step=history.epochs[-1] if history.epochs else 0)
         if explorer is not None and len(explorer.frames) > 1:
             tracker.log_text(explorer.html(history.metrics, history.epochs, name),
                              "explorer.html")
